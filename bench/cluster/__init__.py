@@ -1,0 +1,1 @@
+"""The cluster model: Kubernetes objects kube-proxy reads, synthetic or imported."""

@@ -1,0 +1,1 @@
+"""Cost models: one per mode, modelled kernel memory and rule-update cost."""

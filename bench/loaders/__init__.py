@@ -1,0 +1,1 @@
+"""Loaders: one per mode, rule text → the kernel tables at real struct sizes."""

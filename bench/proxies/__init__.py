@@ -1,0 +1,1 @@
+"""Writers: one per mode, cluster → the rule text kube-proxy would program."""

@@ -1,0 +1,147 @@
+"""Binary layout shared by the iptables loader, the Cython kernel and its pure-Python twin.
+
+A table is one contiguous ``uint8`` blob of entries at the kernel's real x86-64 struct sizes
+(``../shared/docs/kernel-internals.md`` §1.1, §1.5). Each entry is a 112-byte header laid out
+like ``struct ipt_entry``, then its matches (32-byte ``xt_entry_match`` header + payload),
+then its target (32-byte ``xt_entry_target`` header + payload). Sizes are padded to 8 bytes
+(XT_ALIGN). Where the kernel keeps a pointer we keep a small id in the same bytes, so the
+stride through memory is the kernel's.
+
+All multi-byte fields are little-endian; addresses are host-order uint32.
+"""
+import numpy as np
+
+# ---- struct ipt_entry (112 B) -------------------------------------------------------------
+ENTRY_SIZE = 112
+E_SRC, E_DST, E_SMSK, E_DMSK = 0, 4, 8, 12  # u32 each
+E_INIFACE, E_OUTIFACE, E_INMASK, E_OUTMASK = 16, 32, 48, 64  # 16 bytes each
+E_PROTO = 80  # u16, 0 = any
+E_FLAGS = 82  # u8: F_GOTO
+E_INVFLAGS = 83  # u8: INV_* bits
+E_TARGET_OFFSET = 88  # u16
+E_NEXT_OFFSET = 90  # u16
+E_RULE_INDEX = 96  # u32: index into the counters array (the kernel keeps a per-CPU pointer here)
+E_MATCH_COUNT = 100  # u16: number of matches (the kernel finds them by walking to target_offset)
+
+F_GOTO = 0x02  # IPT_F_GOTO
+INV_VIA_IN, INV_VIA_OUT, INV_SRCIP, INV_DSTIP, INV_PROTO = 0x01, 0x02, 0x08, 0x10, 0x40
+
+# ---- xt_entry_match / xt_entry_target headers (32 B) -------------------------------------
+XT_HEADER = 32
+X_SIZE = 0  # u16: total size including the header
+X_KIND = 2  # u8: MATCH_* or TARGET_* id below
+X_DATA = XT_HEADER  # payload starts here
+
+# Match ids and total sizes (header + payload padded to 8).
+MATCH_COMMENT, MATCH_TCP, MATCH_UDP, MATCH_SCTP = 1, 2, 3, 4
+MATCH_STATISTIC, MATCH_MARK, MATCH_CONNTRACK, MATCH_ADDRTYPE = 5, 6, 7, 8
+MATCH_RECENT, MATCH_NFACCT, MATCH_MULTIPORT = 9, 10, 11
+MATCH_SIZES = {
+    MATCH_COMMENT: 288,  # xt_comment_info: char comment[256], whatever the text length
+    MATCH_TCP: 48,  # xt_tcp 12 B -> 16
+    MATCH_UDP: 48,  # xt_udp 10 B -> 16
+    MATCH_SCTP: 104,  # xt_sctp_info 68 B -> 72 (derived from the uapi layout)
+    MATCH_STATISTIC: 56,  # xt_statistic_info 24 B
+    MATCH_MARK: 48,  # xt_mark_mtinfo1 12 B -> 16
+    MATCH_CONNTRACK: 200,  # xt_conntrack_mtinfo3 162 B -> 168 (derived)
+    MATCH_ADDRTYPE: 40,  # xt_addrtype_info_v1 8 B
+    MATCH_RECENT: 264,  # xt_recent_mtinfo_v1 228 B -> 232 (derived)
+    MATCH_NFACCT: 72,  # xt_nfacct_match_info: name[32] + pointer
+    MATCH_MULTIPORT: 80,  # xt_multiport_v1 48 B
+}
+
+TARGET_STANDARD, TARGET_ERROR, TARGET_REJECT, TARGET_DNAT = 1, 2, 3, 4
+TARGET_SNAT, TARGET_MASQUERADE, TARGET_MARK = 5, 6, 7
+TARGET_SIZES = {
+    TARGET_STANDARD: 40,  # xt_standard_target: int verdict (jump, goto, ACCEPT, DROP, RETURN)
+    TARGET_ERROR: 64,  # xt_error_target: chain head carrying the name
+    TARGET_REJECT: 40,  # ipt_reject_info
+    TARGET_DNAT: 80,  # nf_nat_range2 44 B -> 48
+    TARGET_SNAT: 80,
+    TARGET_MASQUERADE: 56,  # nf_nat_ipv4_multi_range_compat
+    TARGET_MARK: 40,  # xt_mark_tginfo2
+}
+
+# ---- match payloads (offsets relative to the match start) ---------------------------------
+# tcp/udp/sctp: u16 spts[2], u16 dpts[2], u8 invflags (bit 0x01 sport, 0x02 dport)
+P_SPT_LO, P_SPT_HI, P_DPT_LO, P_DPT_HI, P_PORT_INV = 32, 34, 36, 38, 40
+PORT_INV_SRC, PORT_INV_DST = 0x01, 0x02
+# statistic: u32 p31 (probability as 31-bit fixed point); u8 invert
+STAT_P31, STAT_INVERT = 32, 36
+# mark: u32 mark, u32 mask, u8 invert
+MARK_VALUE, MARK_MASK, MARK_INVERT = 32, 36, 40
+# conntrack: u16 state_mask, u8 invert
+CT_STATE_MASK, CT_INVERT = 32, 34
+# addrtype: u16 source types, u16 dest types, u8 flags (ADDRTYPE_INV_*)
+AT_SOURCE, AT_DEST, AT_FLAGS = 32, 34, 36
+ADDRTYPE_LOCAL = 0x0002  # XT_ADDRTYPE_LOCAL
+ADDRTYPE_INV_SOURCE, ADDRTYPE_INV_DEST = 0x01, 0x02
+# recent: u32 seconds, u8 mode (RECENT_*), u8 reap, u8 invert, u16 table id (index of the name)
+RC_SECONDS, RC_MODE, RC_REAP, RC_INVERT, RC_TABLE = 32, 36, 37, 38, 40
+RECENT_CHECK, RECENT_SET, RECENT_UPDATE, RECENT_REMOVE = 1, 2, 3, 4
+# nfacct: u16 accounting object id
+NFACCT_ID = 32
+# multiport: u8 flags (MP_SRC/MP_DST/MP_ANY), u8 count, u8 invert, u16 ports[15] at +36
+MP_FLAGS, MP_COUNT, MP_INVERT, MP_PORTS = 32, 33, 34, 36
+MP_SRC, MP_DST, MP_ANY = 1, 2, 3
+MP_MAX_PORTS = 15
+
+# ---- target payloads ----------------------------------------------------------------------
+# standard: i32 verdict. >= 0: blob offset to jump to; < 0: -(NF_x) - 1; RETURN below.
+T_VERDICT = 32
+# DNAT/SNAT: u32 ip, u16 port (0 = keep)
+T_NAT_IP, T_NAT_PORT = 32, 36
+# MARK: u32 mark, u32 mask -> packet.mark = (packet.mark & ~mask) ^ mark
+T_MARK_VALUE, T_MARK_MASK = 32, 36
+# MASQUERADE: u8 random_fully
+
+# Netfilter verdicts.
+NF_DROP, NF_ACCEPT = 0, 1
+XT_RETURN = -5  # -NF_REPEAT - 1
+VERDICT_ACCEPT = -NF_ACCEPT - 1  # -2
+VERDICT_DROP = -NF_DROP - 1  # -1
+# A rule without a target gets a standard target whose verdict is the offset of the next entry
+# (a fall-through jump: the kernel does not push it). MARK returns XT_CONTINUE: go on.
+
+# Final verdict codes the kernels report per packet.
+V_ACCEPT, V_DROP, V_REJECT, V_DNAT, V_SNAT, V_MASQUERADE = 0, 1, 2, 3, 4, 5
+VERDICT_NAMES = ["ACCEPT", "DROP", "REJECT", "DNAT", "SNAT", "MASQUERADE"]
+
+# Conntrack states for the ctstate match (XT_CONNTRACK_STATE_BIT and friends).
+CT_INVALID, CT_ESTABLISHED, CT_RELATED, CT_NEW = 0x01, 0x02, 0x04, 0x08
+CT_SNAT, CT_DNAT, CT_UNTRACKED = 0x100, 0x200, 0x400
+CT_STATE_NAMES = {
+    "INVALID": CT_INVALID, "ESTABLISHED": CT_ESTABLISHED, "RELATED": CT_RELATED, "NEW": CT_NEW,
+    "SNAT": CT_SNAT, "DNAT": CT_DNAT, "UNTRACKED": CT_UNTRACKED,
+}
+
+# Hooks, in the kernel's numbering (NF_INET_*).
+HOOK_PREROUTING, HOOK_INPUT, HOOK_FORWARD, HOOK_OUTPUT, HOOK_POSTROUTING = 0, 1, 2, 3, 4
+HOOK_NAMES = ["PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING"]
+TABLE_HOOKS = {
+    "filter": ("INPUT", "FORWARD", "OUTPUT"),
+    "nat": ("PREROUTING", "INPUT", "OUTPUT", "POSTROUTING"),
+    "mangle": ("PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING"),
+    "raw": ("PREROUTING", "OUTPUT"),
+}
+
+# ---- packets in and results out (one numpy record per packet) -------------------------------
+PACKET_DTYPE = np.dtype([
+    ("src", "<u4"), ("dst", "<u4"),
+    ("sport", "<u2"), ("dport", "<u2"),
+    ("proto", "u1"), ("pad0", "u1"), ("ctstate", "<u2"),
+    ("mark", "<u4"), ("length", "<u4"),
+    ("time", "<u4"),  # seconds, for -m recent
+    ("iif", "S16"), ("oif", "S16"),
+])  # 60 bytes, packed
+
+RESULT_DTYPE = np.dtype([
+    ("verdict", "u1"), ("pad0", "u1"), ("dnat_port", "<u2"),
+    ("dnat_ip", "<u4"),
+    ("mark", "<u4"),
+    ("entries_visited", "<u4"), ("match_calls", "<u4"), ("target_calls", "<u4"),
+    ("jumps", "<u4"), ("rng_draws", "<u4"),
+    ("bytes_touched", "<u8"),
+])  # 40 bytes, packed
+
+WORK_COUNTERS = ("entries_visited", "match_calls", "target_calls", "jumps", "rng_draws", "bytes_touched")
