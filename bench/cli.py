@@ -1,7 +1,155 @@
-"""The kpbench command line (placeholder until the subcommands land)."""
+"""The kpbench command line: one entry point, a subcommand per job.
+
+Exit status: 0 success · 1 the gate found a confirmed regression · 2 bad input, a missing
+prerequisite or a harness error (one line on stderr, never a traceback).
+"""
+from __future__ import annotations
+
+import argparse
+import os
 import sys
+import tempfile
+from pathlib import Path
+
+from bench.errors import InputError
+
+MODES = ("iptables",)
 
 
-def main(argv=None) -> int:
-    print("kpbench: no subcommands yet", file=sys.stderr)
-    return 2
+def _add_cluster_inputs(parser: argparse.ArgumentParser, required: bool) -> None:
+    parser.add_argument("--objects", metavar="FILE", required=required,
+                        help="Kubernetes manifests: multi-document YAML, JSON or a v1 List "
+                             "(what `kubectl get svc,endpointslices,nodes -A -o yaml` prints)")
+    parser.add_argument("--config", metavar="FILE",
+                        help="a KubeProxyConfiguration YAML (kubeproxy.config.k8s.io/v1alpha1)")
+    parser.add_argument("--node-ip", metavar="IP", action="append", default=[],
+                        help="an address of the node kube-proxy runs on (repeatable)")
+
+
+def _add_host_options(parser: argparse.ArgumentParser) -> None:
+    """Host facts kube-proxy detects at run time; defaults are a current kernel's."""
+    host = parser.add_argument_group("host properties kube-proxy detects (defaults: a current kernel)")
+    host.add_argument("--no-nfacct", action="store_true", help="nfacct counters unavailable")
+    host.add_argument("--no-random-fully", action="store_true",
+                      help="MASQUERADE --random-fully unsupported")
+    host.add_argument("--tcp-be-liberal", action="store_true",
+                      help="net.netfilter.nf_conntrack_tcp_be_liberal=1 (drops the INVALID rule)")
+    host.add_argument("--no-localhost-nodeports", action="store_true",
+                      help="NodePorts not reachable on 127.0.0.1 (iptables.localhostNodePorts=false)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kpbench",
+        description="Benchmark kube-proxy's data-plane modes from faithful models of the kernel "
+                    "tables: write the rules kube-proxy would program, load them, trace and "
+                    "measure packets.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    bench = sub.add_parser("bench", help="run the benchmark sweep (what `make bench` runs)",
+                           description="Sweep services × endpoints × nodes, measure each point's "
+                                       "data path and rule sync, and write results.jsonl, "
+                                       "results.csv and a PNG. Finished points are kept: rerunning "
+                                       "resumes.")
+    bench.add_argument("--profile", choices=("quick", "default"), default="default",
+                       help="quick: two small points per E, for CI; default: services "
+                            "100..20,000 × endpoints 1, 10 (default: %(default)s)")
+    bench.add_argument("--services", type=int, nargs="+", metavar="S", help="override the services grid")
+    bench.add_argument("--endpoints", type=int, nargs="+", metavar="E",
+                       help="override the endpoints-per-service grid")
+    bench.add_argument("--nodes", type=int, nargs="+", metavar="N", help="override the nodes grid")
+    bench.add_argument("--packets", type=int, metavar="N",
+                       help="packets per workload and point (default: the profile's)")
+    bench.add_argument("--seed", type=int, default=0, help="seed for every random choice (default: 0)")
+    bench.add_argument("--out", metavar="DIR", default="reports", help="output folder (default: %(default)s)")
+    bench.add_argument("--fresh", action="store_true", help="discard earlier results and start over")
+    bench.add_argument("--no-benchmarks", action="store_true",
+                       help="skip the kernel-speed and load benchmarks after the sweep")
+    bench.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    rules = sub.add_parser("rules", help="print the rules kube-proxy would program for a cluster",
+                           description="Print exactly what kube-proxy's MODE programs for the "
+                                       "cluster in --objects: for iptables, the iptables-restore "
+                                       "payload of a full sync (or, with --previous, the partial "
+                                       "sync after the change from that cluster).")
+    rules.add_argument("mode", choices=MODES, help="the kube-proxy mode")
+    _add_cluster_inputs(rules, required=True)
+    rules.add_argument("--previous", metavar="FILE",
+                       help="manifests of the cluster before a change: print the partial-sync payload")
+    rules.add_argument("--jump-rules", action="store_true",
+                       help="include the built-in chain jump rules kube-proxy installs separately, "
+                            "so the output loads whole with iptables-restore")
+    rules.add_argument("--order-seed", type=int, metavar="N",
+                       help="shuffle service order as Go's map iteration would (default: sorted)")
+    rules.add_argument("--output", "-o", metavar="FILE", help="write to FILE instead of stdout")
+    _add_host_options(rules)
+
+    trace = sub.add_parser("trace", help="follow one packet through a ruleset, rule by rule",
+                           description="Walk a NEW packet through the ruleset as the kernel does: "
+                                       "nat PREROUTING (OUTPUT for the node's own addresses), DNAT, "
+                                       "then the filter chains (OUTPUT for local senders; INPUT for "
+                                       "local destinations, FORWARD otherwise), then nat POSTROUTING.")
+    trace.add_argument("mode", choices=MODES, help="the kube-proxy mode")
+    source = trace.add_mutually_exclusive_group(required=True)
+    source.add_argument("--ruleset", metavar="FILE", help="iptables-save output to trace through")
+    source.add_argument("--objects", metavar="FILE", help="manifests: trace the rules kube-proxy would write")
+    trace.add_argument("--config", metavar="FILE", help="a KubeProxyConfiguration YAML (with --objects)")
+    trace.add_argument("--node-ip", metavar="IP", action="append", default=[],
+                       help="an address of the node (repeatable); local = these and 127.0.0.0/8")
+    trace.add_argument("--src", required=True, metavar="IP", help="source address")
+    trace.add_argument("--dst", required=True, metavar="IP", help="destination address")
+    trace.add_argument("--dport", required=True, metavar="N", help="destination port")
+    trace.add_argument("--proto", default="tcp", choices=("tcp", "udp", "sctp"), help="(default: tcp)")
+    trace.add_argument("--all-endpoints", action="store_true",
+                       help="follow every statistic branch and list every reachable endpoint")
+    trace.add_argument("--seed", type=int, default=0, help="seed of the statistic match's RNG (default: 0)")
+    trace.add_argument("--json", action="store_true", help="print a JSON object instead of the walk")
+
+    cluster = sub.add_parser("cluster", help="write a synthetic cluster as Kubernetes manifests",
+                             description="Generate a seeded synthetic cluster and write it as "
+                                         "multi-document YAML, usable with --objects.")
+    cluster.add_argument("--services", type=int, required=True, metavar="S")
+    cluster.add_argument("--endpoints", type=int, required=True, metavar="E", help="endpoints per service")
+    cluster.add_argument("--nodes", type=int, default=10, metavar="N", help="(default: %(default)s)")
+    cluster.add_argument("--distribution", choices=("fixed", "heavy-tailed"), default="fixed",
+                         help="endpoints per service: exactly E, or heavy-tailed with mean E "
+                              "capped at 250 (default: %(default)s)")
+    cluster.add_argument("--mix", choices=("realistic", "clusterip"), default="realistic",
+                         help="service types: a realistic mix, or ClusterIP only (default: %(default)s)")
+    cluster.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
+    cluster.add_argument("--output", "-o", metavar="FILE", required=True, help="the YAML file to write")
+    return parser
+
+
+def write_atomically(path: str, text: str) -> None:
+    """Write all or nothing: an existing file is only replaced once the new one is complete."""
+    target = Path(path)
+    if target.is_dir():
+        raise InputError("is a directory", str(target))
+    try:
+        fd, tmp = tempfile.mkstemp(dir=target.parent or ".", prefix=f".{target.name}.")
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.replace(tmp, target)
+    except OSError as exc:
+        raise InputError(f"cannot write: {exc.strerror}", str(target)) from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from bench import commands  # imported late: --help stays fast
+
+    try:
+        return commands.run(args)
+    except InputError as exc:
+        print(f"kpbench: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("kpbench: interrupted; finished results are kept", file=sys.stderr)
+        return 2
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

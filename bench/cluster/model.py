@@ -95,6 +95,7 @@ class ProxyConfig:
     masquerade_all: bool = False
     node_port_addresses: list[str] = field(default_factory=list)  # CIDRs; [] means all local addresses
     hostname_override: str = ""
+    ipvs_scheduler: str = "rr"
     node_ips: list[str] = field(default_factory=list)  # this node's own addresses (--node-ip)
     # Detected on the host by kube-proxy; the defaults are what a current kernel gives.
     nfacct: bool = True

@@ -1,0 +1,95 @@
+"""Benchmarks of kpbench itself, reported by `kpbench bench` next to the sweep (never tests).
+
+- the Cython kernel's speed against its pure-Python twin on the same 10,000-service work;
+- nanoseconds per visited entry of the compiled iptables walk;
+- time and peak memory to load a 20,000-service × 10-endpoint ruleset, in a fresh process.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+import kernels
+from bench.cluster.generate import generate
+from bench.cluster.model import service_ports
+from bench.loaders.iptables import load, load_file
+from bench.proxies.iptables import WriterOptions, write_full
+from bench.workload import pod_connections, service_connections
+from kernels import layout as L
+
+
+def _nat_tables(services: int, endpoints: int, seed: int):
+    cluster = generate(services, endpoints, 100, seed=seed)
+    ruleset = load(write_full(cluster, WriterOptions(include_jump_rules=True, service_order_seed=seed)))
+    return cluster, ruleset
+
+
+def _walk(table, packets) -> tuple[np.ndarray, np.ndarray]:
+    results = np.zeros(len(packets), dtype=L.RESULT_DTYPE)
+    ns = np.zeros(len(packets), dtype=np.int64)
+    table.run(packets, L.HOOK_PREROUTING, results, ns)
+    return results, ns
+
+
+def kernel_speed(services: int = 10000, endpoints: int = 10, packets: int = 300, seed: int = 0) -> dict:
+    """Cython against the twin on identical packets; also ns per visited entry (Cython)."""
+    cluster, ruleset = _nat_tables(services, endpoints, seed)
+    local = np.array([], dtype=np.uint32)
+    to_service = service_connections(cluster, service_ports(cluster), packets, seed)
+    timings, outputs = {}, {}
+    for backend in ("cython", "python"):
+        table = kernels.load("iptables", backend).Table.from_compiled(ruleset.tables["nat"], local, seed=seed)
+        outputs[backend], ns = _walk(table, to_service)
+        timings[backend] = float(np.median(ns))
+    compiled = kernels.load("iptables", "cython").Table.from_compiled(ruleset.tables["nat"], local, seed=seed)
+    results, ns = _walk(compiled, pod_connections(cluster, 20 * packets, seed + 1))
+    return {
+        "kind": "benchmark", "benchmark": "kernel_speed", "services": services, "endpoints": endpoints,
+        "packets": packets, "seed": seed,
+        "cython_ns_p50": timings["cython"], "python_ns_p50": timings["python"],
+        "speedup": timings["python"] / max(timings["cython"], 1.0),
+        "identical_results": bool(np.array_equal(outputs["cython"], outputs["python"])),
+        "ns_per_visited_entry": float(ns.sum() / results["entries_visited"].sum()),
+    }
+
+
+def load_cost(services: int = 20000, endpoints: int = 10, seed: int = 0) -> dict:
+    """Time and peak RSS of loading a large ruleset, measured in a fresh Python process."""
+    cluster = generate(services, endpoints, 100, seed=seed)
+    text = write_full(cluster, WriterOptions(include_jump_rules=True, service_order_seed=seed))
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "rules.txt"
+        path.write_text(text)
+        out = subprocess.run([sys.executable, "-m", "bench.benchmarks", str(path)],
+                             capture_output=True, text=True, check=True)
+    probe = json.loads(out.stdout)
+    return {"kind": "benchmark", "benchmark": "load_ruleset", "services": services,
+            "endpoints": endpoints, "seed": seed, "rules_bytes": len(text), **probe}
+
+
+def _probe_load(path: str) -> dict:
+    """Run in the child: reset the peak-RSS mark, load, report time and the new peak."""
+    text_size = Path(path).stat().st_size
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+    except OSError:
+        pass
+    started = time.perf_counter()
+    ruleset = load_file(path)
+    seconds = time.perf_counter() - started
+    peak_kib = 0
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            peak_kib = int(line.split()[1])
+    return {"load_seconds": seconds, "peak_rss_bytes": peak_kib * 1024, "text_bytes": text_size,
+            "entries": sum(t.n_entries for t in ruleset.tables.values())}
+
+
+if __name__ == "__main__":
+    print(json.dumps(_probe_load(sys.argv[1])))

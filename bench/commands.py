@@ -1,0 +1,166 @@
+"""What each kpbench subcommand does, once bench.cli has parsed its arguments."""
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+import yaml
+
+from bench.cli import write_atomically
+from bench.errors import InputError
+
+
+def run(args) -> int:
+    return {"bench": cmd_bench, "rules": cmd_rules, "trace": cmd_trace,
+            "cluster": cmd_cluster}[args.command](args)
+
+
+def _warn(warnings: list[str]) -> None:
+    for warning in warnings:
+        print(f"kpbench: warning: {warning}", file=sys.stderr)
+
+
+def _emit(text: str, output: str | None) -> None:
+    if output:
+        write_atomically(output, text)
+    else:
+        sys.stdout.write(text)
+
+
+def load_cluster_args(objects: str, config: str | None, node_ips: list[str], args=None):
+    """The cluster from --objects/--config/--node-ip, with the host-property flags applied."""
+    from bench.cluster.manifests import load_cluster
+
+    cluster, warnings = load_cluster(objects, config, node_ips)
+    _warn(warnings)
+    if args is not None:
+        cfg = cluster.config
+        cfg.nfacct = not getattr(args, "no_nfacct", False)
+        cfg.random_fully = not getattr(args, "no_random_fully", False)
+        cfg.tcp_be_liberal = getattr(args, "tcp_be_liberal", False)
+        cfg.localhost_nodeports = not getattr(args, "no_localhost_nodeports", False)
+    return cluster
+
+
+def cmd_rules(args) -> int:
+    from bench.proxies.iptables import WriterOptions, write_full, write_partial
+
+    cluster = load_cluster_args(args.objects, args.config, args.node_ip, args)
+    options = WriterOptions(include_jump_rules=args.jump_rules, service_order_seed=args.order_seed)
+    if args.previous:
+        previous = load_cluster_args(args.previous, args.config, args.node_ip, args)
+        text = write_partial(previous, cluster, options)
+    else:
+        text = write_full(cluster, options)
+    _emit(text, args.output)
+    return 0
+
+
+def cmd_trace(args) -> int:
+    from bench.trace import trace_packet, format_trace, ruleset_for_trace
+
+    ruleset, node_ips = ruleset_for_trace(args)
+    result = trace_packet(ruleset, node_ips, args.src, args.dst, args.dport, args.proto,
+                          all_endpoints=args.all_endpoints, seed=args.seed)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(format_trace(result))
+    return 0
+
+
+def cmd_cluster(args) -> int:
+    from bench.cluster.generate import generate, to_manifests
+
+    cluster = generate(args.services, args.endpoints, args.nodes, seed=args.seed,
+                       distribution=args.distribution, mix=args.mix)
+    text = yaml.safe_dump_all(to_manifests(cluster), sort_keys=False)
+    write_atomically(args.output, text)
+    print(f"wrote {len(cluster.services)} services, {len(cluster.slices)} EndpointSlices and "
+          f"{len(cluster.nodes)} nodes to {args.output}", file=sys.stderr)
+    return 0
+
+
+def _positive(values, name: str) -> list[int]:
+    for value in values:
+        if value <= 0:
+            raise InputError(f"must be a positive number, got {value}", "command line", name)
+    return list(values)
+
+
+def cmd_bench(args) -> int:
+    from bench import benchmarks, plots, sweep
+    from bench.results import ResultsWriter, export_csv, read_jsonl
+
+    profile = sweep.PROFILES[args.profile]
+    points = sweep.grid(
+        _positive(args.services or profile["services"], "--services"),
+        _positive(args.endpoints or profile["endpoints"], "--endpoints"),
+        _positive(args.nodes or profile["nodes"], "--nodes"),
+        _positive([args.packets or profile["packets"]], "--packets")[0],
+        args.seed,
+    )
+    out = Path(args.out)
+    path = sweep.run(points, out, fresh=args.fresh, quiet=args.quiet)
+    if not args.no_benchmarks:
+        _run_benchmarks(path, args, benchmarks, ResultsWriter, read_jsonl)
+    frame = export_csv(path, out / "results.csv")
+    png = plots.first_packet_latency(frame, out / "first_packet_latency.png")
+    print(summary_table(frame))
+    print(f"\nwrote {path}, {out / 'results.csv'} and {png}")
+    return 0
+
+
+def _run_benchmarks(path: Path, args, benchmarks, ResultsWriter, read_jsonl) -> None:
+    """Kernel speed and ruleset-load benchmarks, skipped when already recorded with this seed."""
+    done = {r.get("benchmark_id") for r in read_jsonl(path)} if path.exists() else set()
+    writer = ResultsWriter(path)
+    quick = args.profile == "quick"
+    jobs = {
+        "kernel_speed": lambda: benchmarks.kernel_speed(
+            services=1000 if quick else 10000, packets=100 if quick else 300, seed=args.seed),
+        "load_ruleset": lambda: benchmarks.load_cost(
+            services=1000 if quick else 20000, endpoints=10, seed=args.seed),
+    }
+    for name, job in jobs.items():
+        key = hashlib.sha256(json.dumps([name, quick, args.seed]).encode()).hexdigest()[:16]
+        if key in done:
+            continue
+        if not args.quiet:
+            print(f"benchmark: {name} ...", file=sys.stderr)
+        writer.append({**job(), "benchmark_id": key})
+
+
+def summary_table(frame) -> str:
+    """The short table `kpbench bench` prints: one row per point."""
+    points = frame[frame["kind"] == "point"]
+    if points.empty:
+        return "no points measured"
+    table = points.pivot_table(index=["services", "endpoints"], columns="workload",
+                               values=["ns_p50", "entries_visited_mean"], aggfunc="last")
+    lines = [f"{'services':>9} {'E':>3} {'new→svc p50 ns':>15} {'entries':>8} "
+             f"{'new→pod p50 ns':>15} {'entries':>8} {'estab. p50 ns':>14} {'kernel MiB':>11}"]
+    memory = points.groupby(["services", "endpoints"])["kernel_bytes"].last()
+    for (services, endpoints), row in table.iterrows():
+        lines.append(
+            f"{services:>9,} {endpoints:>3} {row[('ns_p50', 'service_new')]:>15,.0f} "
+            f"{row[('entries_visited_mean', 'service_new')]:>8,.0f} "
+            f"{row[('ns_p50', 'nonservice_new')]:>15,.0f} "
+            f"{row[('entries_visited_mean', 'nonservice_new')]:>8,.0f} "
+            f"{row[('ns_p50', 'established')]:>14,.0f} "
+            f"{memory[(services, endpoints)] / 2**20:>11,.1f}")
+    for _, bench_row in frame[frame["kind"] == "benchmark"].iterrows():
+        lines.append(_benchmark_line(bench_row))
+    return "\n".join(lines)
+
+
+def _benchmark_line(row) -> str:
+    if row["benchmark"] == "kernel_speed":
+        return (f"kernel speed at {row['services']:,} services: Cython {row['cython_ns_p50']:,.0f} ns, "
+                f"Python twin {row['python_ns_p50']:,.0f} ns per first packet = {row['speedup']:,.0f}x; "
+                f"{row['ns_per_visited_entry']:.2f} ns per visited entry")
+    return (f"load {row['services']:,} services x {row['endpoints']} endpoints "
+            f"({row['entries']:,.0f} entries): {row['load_seconds']:.1f} s, "
+            f"peak RSS {row['peak_rss_bytes'] / 2**30:.2f} GiB")
