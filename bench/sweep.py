@@ -33,7 +33,7 @@ PROFILES = {
     "default": {"services": [100, 1000, 5000, 10000, 20000], "endpoints": [1, 10], "nodes": [100],
                 "packets": 20000},
 }
-MODELLED_CPUS = 8  # CPUs of the modelled node: per-CPU counters and jump stacks scale with it
+MODELLED_CPUS = 64  # CPUs of the modelled node: per-CPU counters and jump stacks scale with it
 
 
 @dataclass(frozen=True)

@@ -63,6 +63,6 @@ def pod_connections(cluster: Cluster, n: int, seed: int, port: int = 8080) -> np
 def established(packets: np.ndarray) -> np.ndarray:
     """Later packets of the same connections."""
     later = packets.copy()
-    later["ctstate"] = (later["ctstate"] & ~L.CT_NEW) | L.CT_ESTABLISHED
+    later["ctstate"] = (later["ctstate"] & (0xFFFF ^ L.CT_NEW)) | L.CT_ESTABLISHED
     later["length"] = 1500
     return later
