@@ -76,7 +76,8 @@ def cmd_cluster(args) -> int:
 
     cluster = generate(args.services, args.endpoints, args.nodes, seed=args.seed,
                        distribution=args.distribution, mix=args.mix)
-    text = yaml.safe_dump_all(to_manifests(cluster), sort_keys=False)
+    dumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)  # libyaml when present: much faster
+    text = yaml.dump_all(to_manifests(cluster), Dumper=dumper, sort_keys=False)
     write_atomically(args.output, text)
     print(f"wrote {len(cluster.services)} services, {len(cluster.slices)} EndpointSlices and "
           f"{len(cluster.nodes)} nodes to {args.output}", file=sys.stderr)
