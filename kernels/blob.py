@@ -9,6 +9,7 @@ after the chain's head, as libiptc computes it.
 """
 from __future__ import annotations
 
+import functools
 import struct
 from dataclasses import dataclass, field
 
@@ -99,12 +100,27 @@ def _iface(name: str) -> tuple[bytes, bytes]:
     return raw.ljust(16, b"\0"), (b"\xff" * min(mask_len, 16)).ljust(16, b"\0")
 
 
+def _list_index(names: list[str], ids: dict[str, int], name: str) -> int:
+    """``name``'s index in ``names``, appended if new. The dict keeps this O(1): with ClientIP
+    affinity there is one -m recent name per endpoint, 10^5 of them in a large cluster."""
+    if len(ids) != len(names):  # the list was changed from outside: index it again
+        ids.clear()
+        ids.update((n, i) for i, n in enumerate(names))
+    index = ids.get(name)
+    if index is None:
+        index = ids[name] = len(names)
+        names.append(name)
+    return index
+
+
 class TableBuilder:
     def __init__(self, name: str):
         self.name = name
         self.chains: dict[str, Chain] = {}
         self.recent_names: list[str] = []
         self.nfacct_names: list[str] = []
+        self._recent_ids: dict[str, int] = {}  # name -> index in recent_names
+        self._nfacct_ids: dict[str, int] = {}
         for hook in L.TABLE_HOOKS.get(name, ()):
             self.chains[hook] = Chain(hook, builtin=True)
 
@@ -115,14 +131,10 @@ class TableBuilder:
         return self.chains[name]
 
     def recent_id(self, name: str) -> int:
-        if name not in self.recent_names:
-            self.recent_names.append(name)
-        return self.recent_names.index(name)
+        return _list_index(self.recent_names, self._recent_ids, name)
 
     def nfacct_id(self, name: str) -> int:
-        if name not in self.nfacct_names:
-            self.nfacct_names.append(name)
-        return self.nfacct_names.index(name)
+        return _list_index(self.nfacct_names, self._nfacct_ids, name)
 
     # ---- layout --------------------------------------------------------------------------
     def _ordered(self) -> list[Chain]:
@@ -135,36 +147,46 @@ class TableBuilder:
         size = L.ENTRY_SIZE + sum(L.MATCH_SIZES[m.kind] for m in rule.matches)
         return size + L.TARGET_SIZES[rule.target]
 
-    def build(self) -> CompiledTable:
-        chains = self._ordered()
-        # Pass 1: offsets.
+    def _plan(self, chains: list[Chain]) -> tuple[list, dict[str, int], int]:
+        """Pass 1: every entry's (offset, chain, kind, rule or None, number, target offset)."""
+        match_sizes, target_sizes = L.MATCH_SIZES, L.TARGET_SIZES
         offset = 0
         starts: dict[str, int] = {}
-        plan = []  # (offset, chain, kind, rule or None, number)
+        plan = []
+        append = plan.append
         for chain in chains:
             if not chain.builtin:
-                plan.append((offset, chain, "head", None, 0))
-                offset += L.ENTRY_SIZE + L.TARGET_SIZES[L.TARGET_ERROR]
+                append((offset, chain, "head", None, 0, L.ENTRY_SIZE))
+                offset += _ERROR_ENTRY_SIZE
             starts[chain.name] = offset
             for number, rule in enumerate(chain.rules, 1):
-                plan.append((offset, chain, "rule", rule, number))
-                offset += self.rule_size(rule)
-            plan.append((offset, chain, "policy" if chain.builtin else "tail", None, 0))
-            offset += L.ENTRY_SIZE + L.TARGET_SIZES[L.TARGET_STANDARD]
-        plan.append((offset, None, "end", None, 0))
-        offset += L.ENTRY_SIZE + L.TARGET_SIZES[L.TARGET_ERROR]
+                target_offset = L.ENTRY_SIZE
+                for match in rule.matches:
+                    target_offset += match_sizes[match.kind]
+                append((offset, chain, "rule", rule, number, target_offset))
+                offset += target_offset + target_sizes[rule.target]
+            append((offset, chain, "policy" if chain.builtin else "tail", None, 0, L.ENTRY_SIZE))
+            offset += _STANDARD_ENTRY_SIZE
+        append((offset, None, "end", None, 0, L.ENTRY_SIZE))
+        return plan, starts, offset + _ERROR_ENTRY_SIZE
 
-        buf = bytearray(offset)
+    def build(self) -> CompiledTable:
+        chains = self._ordered()
+        plan, starts, size = self._plan(chains)
+        buf = bytearray(size)
         hook_entry = np.full(5, -1, dtype=np.int32)
         underflow = np.full(5, -1, dtype=np.int32)
         entries = []
-        for index, (off, chain, kind, rule, number) in enumerate(plan):
-            next_off = plan[index + 1][0] if index + 1 < len(plan) else offset
-            name = chain.name if chain else ""
+        append = entries.append
+        next_offsets = [entry[0] for entry in plan[1:]] + [size]
+        for index, ((off, chain, kind, rule, number, target_offset), next_off) in enumerate(
+                zip(plan, next_offsets)):
             if kind == "rule":
-                self._encode_rule(buf, off, next_off, rule, starts, index)
-                text = rule.text
-            elif kind == "head":
+                self._encode_rule(buf, off, next_off, rule, target_offset, starts, index)
+                append(EntryInfo(off, chain.name, kind, number, rule.text))
+                continue
+            name = chain.name if chain else ""
+            if kind == "head":
                 self._encode_error(buf, off, index, name)
                 text = f":{name}"
             elif kind == "end":
@@ -172,12 +194,12 @@ class TableBuilder:
                 text = "(end of table)"
             else:  # policy or tail: an unconditional standard target
                 verdict = self._policy_verdict(chain.policy) if kind == "policy" else L.XT_RETURN
-                self._encode_header(buf, off, Rule(), index, 0, L.ENTRY_SIZE, next_off - off)
-                self._encode_standard(buf, off + L.ENTRY_SIZE, verdict)
+                self._encode_plain_header(buf, off, index, next_off - off)
+                self._STANDARD.pack_into(buf, off + L.ENTRY_SIZE, _STANDARD_SIZE, L.TARGET_STANDARD, verdict)
                 text = f"(policy {chain.policy})" if kind == "policy" else "(end of chain: RETURN)"
                 if kind == "policy":
                     underflow[L.HOOK_NAMES.index(name)] = off
-            entries.append(EntryInfo(off, name, kind, number, text))
+            append(EntryInfo(off, name, kind, number, text))
         for chain in chains:
             if chain.builtin:
                 hook_entry[L.HOOK_NAMES.index(chain.name)] = starts[chain.name]
@@ -193,6 +215,9 @@ class TableBuilder:
     # ---- encoding (struct.pack_into on a bytearray: a loader's hot path) ------------------
     _HEADER = struct.Struct("<IIII16s16s16s16sHBBIHHIIH10x")  # struct ipt_entry, 112 B
     _XT = struct.Struct("<HB")  # xt_entry_match / xt_entry_target: size, our kind id
+    _STANDARD = struct.Struct("<HB29xi")  # xt_standard_target: header, then the verdict at +32
+    _NAT = struct.Struct("<IH")
+    _MARK = struct.Struct("<II")
     _PAYLOAD = {
         L.MATCH_TCP: struct.Struct("<HHHHB"), L.MATCH_UDP: struct.Struct("<HHHHB"),
         L.MATCH_SCTP: struct.Struct("<HHHHB"), L.MATCH_STATISTIC: struct.Struct("<IB"),
@@ -200,6 +225,7 @@ class TableBuilder:
         L.MATCH_ADDRTYPE: struct.Struct("<HHB"), L.MATCH_RECENT: struct.Struct("<IBBBxH"),
         L.MATCH_NFACCT: struct.Struct("<H"), L.MATCH_MULTIPORT: struct.Struct("<BBBx15H"),
     }
+    _VERDICTS = {"ACCEPT": L.VERDICT_ACCEPT, "DROP": L.VERDICT_DROP, "RETURN": L.XT_RETURN}
 
     def _payload(self, match: Match) -> tuple:
         a, kind = match.args, match.kind
@@ -225,48 +251,58 @@ class TableBuilder:
         return ()
 
     def _encode_header(self, buf, off, rule: Rule, index, match_count, target_offset, next_offset):
-        in_name, in_mask = _iface(rule.iniface)
-        out_name, out_mask = _iface(rule.outiface)
+        in_name, in_mask = _iface_cached(rule.iniface)
+        out_name, out_mask = _iface_cached(rule.outiface)
         self._HEADER.pack_into(
             buf, off, rule.src & rule.smsk, rule.dst & rule.dmsk, rule.smsk, rule.dmsk,
             in_name, out_name, in_mask, out_mask, rule.proto, L.F_GOTO if rule.goto else 0,
             rule.invflags, 0, target_offset, next_offset, 0, index, match_count)
 
+    def _encode_plain_header(self, buf, off, index, next_offset):
+        """The header of a head, tail, policy or end entry: matches everything, no matches."""
+        self._HEADER.pack_into(buf, off, 0, 0, 0, 0, _NO_IFACE, _NO_IFACE, _NO_IFACE, _NO_IFACE,
+                               0, 0, 0, 0, L.ENTRY_SIZE, next_offset, 0, index, 0)
+
     def _encode_error(self, buf, off, index, name: str) -> None:
-        size = L.ENTRY_SIZE + L.TARGET_SIZES[L.TARGET_ERROR]
-        self._encode_header(buf, off, Rule(), index, 0, L.ENTRY_SIZE, size)
+        self._encode_plain_header(buf, off, index, _ERROR_ENTRY_SIZE)
         t = off + L.ENTRY_SIZE
         self._XT.pack_into(buf, t, L.TARGET_SIZES[L.TARGET_ERROR], L.TARGET_ERROR)
         raw = name.encode()[:29]
         buf[t + L.X_DATA:t + L.X_DATA + len(raw)] = raw
 
     def _encode_standard(self, buf, t: int, verdict: int) -> None:
-        self._XT.pack_into(buf, t, L.TARGET_SIZES[L.TARGET_STANDARD], L.TARGET_STANDARD)
-        struct.pack_into("<i", buf, t + L.T_VERDICT, verdict)
+        self._STANDARD.pack_into(buf, t, _STANDARD_SIZE, L.TARGET_STANDARD, verdict)
 
-    def _encode_rule(self, buf, off, next_off, rule: Rule, starts, index) -> None:
-        target_offset = L.ENTRY_SIZE + sum(L.MATCH_SIZES[m.kind] for m in rule.matches)
+    def _encode_rule(self, buf, off, next_off, rule: Rule, target_offset, starts, index) -> None:
         self._encode_header(buf, off, rule, index, len(rule.matches), target_offset, next_off - off)
         m_off = off + L.ENTRY_SIZE
         for match in rule.matches:
-            self._XT.pack_into(buf, m_off, L.MATCH_SIZES[match.kind], match.kind)
-            payload = self._PAYLOAD.get(match.kind)
+            kind = match.kind
+            size = L.MATCH_SIZES[kind]
+            self._XT.pack_into(buf, m_off, size, kind)
+            payload = self._PAYLOAD.get(kind)
             if payload is not None:
                 payload.pack_into(buf, m_off + L.X_DATA, *self._payload(match))
-            m_off += L.MATCH_SIZES[match.kind]
+            m_off += size
         t = off + target_offset
         if rule.target == L.TARGET_STANDARD:
-            verdict = {"ACCEPT": L.VERDICT_ACCEPT, "DROP": L.VERDICT_DROP, "RETURN": L.XT_RETURN,
-                       None: next_off}.get(rule.verdict)
+            verdict = self._VERDICTS.get(rule.verdict)
             if verdict is None:
-                verdict = starts[rule.verdict]
-            self._encode_standard(buf, t, verdict)
+                verdict = next_off if rule.verdict is None else starts[rule.verdict]
+            self._STANDARD.pack_into(buf, t, _STANDARD_SIZE, L.TARGET_STANDARD, verdict)
             return
         self._XT.pack_into(buf, t, L.TARGET_SIZES[rule.target], rule.target)
         args = rule.target_args
         if rule.target in (L.TARGET_DNAT, L.TARGET_SNAT):
-            struct.pack_into("<IH", buf, t + L.T_NAT_IP, args["ip"], args.get("port", 0))
+            self._NAT.pack_into(buf, t + L.T_NAT_IP, args["ip"], args.get("port", 0))
         elif rule.target == L.TARGET_MARK:
-            struct.pack_into("<II", buf, t + L.T_MARK_VALUE, args["value"], args["mask"])
+            self._MARK.pack_into(buf, t + L.T_MARK_VALUE, args["value"], args["mask"])
         elif rule.target == L.TARGET_MASQUERADE:
             buf[t + L.X_DATA] = 1 if args.get("random_fully") else 0
+
+
+_STANDARD_SIZE = L.TARGET_SIZES[L.TARGET_STANDARD]
+_STANDARD_ENTRY_SIZE = L.ENTRY_SIZE + _STANDARD_SIZE
+_ERROR_ENTRY_SIZE = L.ENTRY_SIZE + L.TARGET_SIZES[L.TARGET_ERROR]
+_NO_IFACE = b"\0" * 16
+_iface_cached = functools.lru_cache(maxsize=1024)(_iface)  # a handful of names, many rules

@@ -1,6 +1,6 @@
 # The kernel's hash functions and the suite's seeded RNG, at C level, in ONE place.
 #
-# cimported by every .pyx kernel. kernels/hashing.pyx wraps them for Python (tests, tools);
+# cimported by every .pyx kernel. kernels/_hashing.pyx wraps them for Python (tests, tools);
 # kernels/reference/hashing.py is the pure-Python twin and must give identical results
 # (tests/test_kernels.py checks both against fixed vectors).
 # Sources: include/linux/jhash.h (jhash family), include/linux/hash.h (hash_32),
