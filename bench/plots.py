@@ -18,9 +18,9 @@ def first_packet_latency(frame: pd.DataFrame, path: Path) -> Path:
     for i, (endpoints, group) in enumerate(sorted(rows.groupby("endpoints"), key=lambda g: g[0])):
         group = group.sort_values("services")
         line, = ax.plot(group["services"], group["ns_p50"], marker=markers[i % len(markers)],
-                        label=f"iptables, {endpoints} endpoints/service, p50")
+                        label=f"iptables, E={endpoints} endpoints per service, p50")
         ax.plot(group["services"], group["ns_p99"], linestyle="--", marker=markers[i % len(markers)],
-                color=line.get_color(), alpha=0.6, label=f"iptables, {endpoints} endpoints/service, p99")
+                color=line.get_color(), alpha=0.6, label=f"iptables, E={endpoints} endpoints per service, p99")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("services (log scale)")

@@ -9,9 +9,9 @@ after the chain's head, as libiptc computes it.
 """
 from __future__ import annotations
 
-import functools
 import struct
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
@@ -53,8 +53,7 @@ class Chain:
     rules: list[Rule] = field(default_factory=list)
 
 
-@dataclass(frozen=True)
-class EntryInfo:
+class EntryInfo(NamedTuple):  # a tuple: a large ruleset has a million of them
     offset: int
     chain: str
     kind: str  # "rule", "policy", "head", "tail", "end"
@@ -147,64 +146,42 @@ class TableBuilder:
         size = L.ENTRY_SIZE + sum(L.MATCH_SIZES[m.kind] for m in rule.matches)
         return size + L.TARGET_SIZES[rule.target]
 
-    def _plan(self, chains: list[Chain]) -> tuple[list, dict[str, int], int]:
-        """Pass 1: every entry's (offset, chain, kind, rule or None, number, target offset)."""
-        match_sizes, target_sizes = L.MATCH_SIZES, L.TARGET_SIZES
-        offset = 0
-        starts: dict[str, int] = {}
-        plan = []
-        append = plan.append
-        for chain in chains:
-            if not chain.builtin:
-                append((offset, chain, "head", None, 0, L.ENTRY_SIZE))
-                offset += _ERROR_ENTRY_SIZE
-            starts[chain.name] = offset
-            for number, rule in enumerate(chain.rules, 1):
-                target_offset = L.ENTRY_SIZE
-                for match in rule.matches:
-                    target_offset += match_sizes[match.kind]
-                append((offset, chain, "rule", rule, number, target_offset))
-                offset += target_offset + target_sizes[rule.target]
-            append((offset, chain, "policy" if chain.builtin else "tail", None, 0, L.ENTRY_SIZE))
-            offset += _STANDARD_ENTRY_SIZE
-        append((offset, None, "end", None, 0, L.ENTRY_SIZE))
-        return plan, starts, offset + _ERROR_ENTRY_SIZE
-
     def build(self) -> CompiledTable:
+        """Lay the chains out in one pass; jumps to chains further on are patched at the end."""
         chains = self._ordered()
-        plan, starts, size = self._plan(chains)
-        buf = bytearray(size)
+        buf = bytearray()
+        entries: list[EntryInfo] = []
+        starts: dict[str, int] = {}
+        forward_jumps: list[tuple[int, str]] = []  # (where the verdict goes, target chain)
         hook_entry = np.full(5, -1, dtype=np.int32)
         underflow = np.full(5, -1, dtype=np.int32)
-        entries = []
-        append = entries.append
-        next_offsets = [entry[0] for entry in plan[1:]] + [size]
-        for index, ((off, chain, kind, rule, number, target_offset), next_off) in enumerate(
-                zip(plan, next_offsets)):
-            if kind == "rule":
-                self._encode_rule(buf, off, next_off, rule, target_offset, starts, index)
-                append(EntryInfo(off, chain.name, kind, number, rule.text))
-                continue
-            name = chain.name if chain else ""
-            if kind == "head":
-                self._encode_error(buf, off, index, name)
-                text = f":{name}"
-            elif kind == "end":
-                self._encode_error(buf, off, index, "ERROR")
-                text = "(end of table)"
-            else:  # policy or tail: an unconditional standard target
-                verdict = self._policy_verdict(chain.policy) if kind == "policy" else L.XT_RETURN
-                self._encode_plain_header(buf, off, index, next_off - off)
-                self._STANDARD.pack_into(buf, off + L.ENTRY_SIZE, _STANDARD_SIZE, L.TARGET_STANDARD, verdict)
-                text = f"(policy {chain.policy})" if kind == "policy" else "(end of chain: RETURN)"
-                if kind == "policy":
-                    underflow[L.HOOK_NAMES.index(name)] = off
-            append(EntryInfo(off, name, kind, number, text))
         for chain in chains:
+            name = chain.name
+            if not chain.builtin:
+                entries.append(EntryInfo(len(buf), name, "head", 0, f":{name}"))
+                buf += _ERROR_ENTRY.pack(*_plain_header(len(entries) - 1, _ERROR_ENTRY.size),
+                                         _ERROR_SIZE, L.TARGET_ERROR, name.encode()[:29])
+            starts[name] = len(buf)
+            for number, rule in enumerate(chain.rules, 1):
+                entries.append(EntryInfo(len(buf), name, "rule", number, rule.text))
+                self._append_rule(buf, rule, len(entries) - 1, starts, forward_jumps)
             if chain.builtin:
-                hook_entry[L.HOOK_NAMES.index(chain.name)] = starts[chain.name]
+                hook = L.HOOK_NAMES.index(name)
+                hook_entry[hook], underflow[hook] = starts[name], len(buf)
+                entries.append(EntryInfo(len(buf), name, "policy", 0, f"(policy {chain.policy})"))
+                verdict = self._policy_verdict(chain.policy)
+            else:
+                entries.append(EntryInfo(len(buf), name, "tail", 0, "(end of chain: RETURN)"))
+                verdict = L.XT_RETURN
+            buf += _STANDARD_ENTRY.pack(*_plain_header(len(entries) - 1, _STANDARD_ENTRY.size),
+                                        _STANDARD_SIZE, L.TARGET_STANDARD, verdict)
+        entries.append(EntryInfo(len(buf), "", "end", 0, "(end of table)"))
+        buf += _ERROR_ENTRY.pack(*_plain_header(len(entries) - 1, _ERROR_ENTRY.size), _ERROR_SIZE,
+                                 L.TARGET_ERROR, b"ERROR")
+        for at, target in forward_jumps:
+            _VERDICT.pack_into(buf, at, starts[target])
         user_chains = sum(1 for c in chains if not c.builtin)
-        blob = np.frombuffer(buf, dtype=np.uint8).copy()
+        blob = np.frombuffer(buf, dtype=np.uint8)  # a view: no second copy of a 100 MB table
         return CompiledTable(self.name, blob, hook_entry, underflow, user_chains, entries, starts,
                              list(self.recent_names), list(self.nfacct_names))
 
@@ -213,18 +190,6 @@ class TableBuilder:
         return L.VERDICT_DROP if policy == "DROP" else L.VERDICT_ACCEPT
 
     # ---- encoding (struct.pack_into on a bytearray: a loader's hot path) ------------------
-    _HEADER = struct.Struct("<IIII16s16s16s16sHBBIHHIIH10x")  # struct ipt_entry, 112 B
-    _XT = struct.Struct("<HB")  # xt_entry_match / xt_entry_target: size, our kind id
-    _STANDARD = struct.Struct("<HB29xi")  # xt_standard_target: header, then the verdict at +32
-    _NAT = struct.Struct("<IH")
-    _MARK = struct.Struct("<II")
-    _PAYLOAD = {
-        L.MATCH_TCP: struct.Struct("<HHHHB"), L.MATCH_UDP: struct.Struct("<HHHHB"),
-        L.MATCH_SCTP: struct.Struct("<HHHHB"), L.MATCH_STATISTIC: struct.Struct("<IB"),
-        L.MATCH_MARK: struct.Struct("<IIB"), L.MATCH_CONNTRACK: struct.Struct("<HB"),
-        L.MATCH_ADDRTYPE: struct.Struct("<HHB"), L.MATCH_RECENT: struct.Struct("<IBBBxH"),
-        L.MATCH_NFACCT: struct.Struct("<H"), L.MATCH_MULTIPORT: struct.Struct("<BBBx15H"),
-    }
     _VERDICTS = {"ACCEPT": L.VERDICT_ACCEPT, "DROP": L.VERDICT_DROP, "RETURN": L.XT_RETURN}
 
     def _payload(self, match: Match) -> tuple:
@@ -250,59 +215,83 @@ class TableBuilder:
             return (a["flags"], len(ports), a.get("invert", 0), *ports, *([0] * (L.MP_MAX_PORTS - len(ports))))
         return ()
 
-    def _encode_header(self, buf, off, rule: Rule, index, match_count, target_offset, next_offset):
-        in_name, in_mask = _iface_cached(rule.iniface)
-        out_name, out_mask = _iface_cached(rule.outiface)
-        self._HEADER.pack_into(
-            buf, off, rule.src & rule.smsk, rule.dst & rule.dmsk, rule.smsk, rule.dmsk,
-            in_name, out_name, in_mask, out_mask, rule.proto, L.F_GOTO if rule.goto else 0,
-            rule.invflags, 0, target_offset, next_offset, 0, index, match_count)
-
-    def _encode_plain_header(self, buf, off, index, next_offset):
-        """The header of a head, tail, policy or end entry: matches everything, no matches."""
-        self._HEADER.pack_into(buf, off, 0, 0, 0, 0, _NO_IFACE, _NO_IFACE, _NO_IFACE, _NO_IFACE,
-                               0, 0, 0, 0, L.ENTRY_SIZE, next_offset, 0, index, 0)
-
-    def _encode_error(self, buf, off, index, name: str) -> None:
-        self._encode_plain_header(buf, off, index, _ERROR_ENTRY_SIZE)
-        t = off + L.ENTRY_SIZE
-        self._XT.pack_into(buf, t, L.TARGET_SIZES[L.TARGET_ERROR], L.TARGET_ERROR)
-        raw = name.encode()[:29]
-        buf[t + L.X_DATA:t + L.X_DATA + len(raw)] = raw
-
-    def _encode_standard(self, buf, t: int, verdict: int) -> None:
-        self._STANDARD.pack_into(buf, t, _STANDARD_SIZE, L.TARGET_STANDARD, verdict)
-
-    def _encode_rule(self, buf, off, next_off, rule: Rule, target_offset, starts, index) -> None:
-        self._encode_header(buf, off, rule, index, len(rule.matches), target_offset, next_off - off)
+    def _append_rule(self, buf: bytearray, rule: Rule, index: int, starts: dict[str, int],
+                     forward_jumps: list[tuple[int, str]]) -> None:
+        off = len(buf)
+        matches = rule.matches
+        target_offset = L.ENTRY_SIZE
+        for match in matches:
+            target_offset += _MATCH_SIZES[match.kind]
+        size = target_offset + _TARGET_SIZES[rule.target]
+        buf += bytes(size)
+        if rule.iniface or rule.outiface:
+            in_name, in_mask = _iface(rule.iniface)
+            out_name, out_mask = _iface(rule.outiface)
+        else:  # nearly every rule: skip the name encoding
+            in_name = in_mask = out_name = out_mask = _NO_IFACE
+        smsk, dmsk = rule.smsk, rule.dmsk
+        _HEADER.pack_into(
+            buf, off, rule.src & smsk, rule.dst & dmsk, smsk, dmsk, in_name, out_name, in_mask,
+            out_mask, rule.proto, L.F_GOTO if rule.goto else 0, rule.invflags, 0, target_offset,
+            size, 0, index, len(matches))
         m_off = off + L.ENTRY_SIZE
-        for match in rule.matches:
+        for match in matches:
             kind = match.kind
-            size = L.MATCH_SIZES[kind]
-            self._XT.pack_into(buf, m_off, size, kind)
-            payload = self._PAYLOAD.get(kind)
-            if payload is not None:
-                payload.pack_into(buf, m_off + L.X_DATA, *self._payload(match))
-            m_off += size
-        t = off + target_offset
+            _MATCH_STRUCTS[kind].pack_into(buf, m_off, _MATCH_SIZES[kind], kind, *self._payload(match))
+            m_off += _MATCH_SIZES[kind]
+        self._pack_target(buf, off + target_offset, rule, off + size, starts, forward_jumps)
+
+    def _pack_target(self, buf: bytearray, t: int, rule: Rule, next_off: int, starts: dict[str, int],
+                     forward_jumps: list[tuple[int, str]]) -> None:
         if rule.target == L.TARGET_STANDARD:
             verdict = self._VERDICTS.get(rule.verdict)
             if verdict is None:
-                verdict = next_off if rule.verdict is None else starts[rule.verdict]
-            self._STANDARD.pack_into(buf, t, _STANDARD_SIZE, L.TARGET_STANDARD, verdict)
+                if rule.verdict is None:  # no target: fall through to the next entry
+                    verdict = next_off
+                elif rule.verdict in starts:
+                    verdict = starts[rule.verdict]
+                else:  # a chain further on: patched once it is laid out
+                    verdict = 0
+                    forward_jumps.append((t + L.T_VERDICT, rule.verdict))
+            _STANDARD_TARGET.pack_into(buf, t, _STANDARD_SIZE, L.TARGET_STANDARD, verdict)
             return
-        self._XT.pack_into(buf, t, L.TARGET_SIZES[rule.target], rule.target)
+        _XT.pack_into(buf, t, _TARGET_SIZES[rule.target], rule.target)
         args = rule.target_args
         if rule.target in (L.TARGET_DNAT, L.TARGET_SNAT):
-            self._NAT.pack_into(buf, t + L.T_NAT_IP, args["ip"], args.get("port", 0))
+            _NAT.pack_into(buf, t + L.T_NAT_IP, args["ip"], args.get("port", 0))
         elif rule.target == L.TARGET_MARK:
-            self._MARK.pack_into(buf, t + L.T_MARK_VALUE, args["value"], args["mask"])
+            _MARK.pack_into(buf, t + L.T_MARK_VALUE, args["value"], args["mask"])
         elif rule.target == L.TARGET_MASQUERADE:
             buf[t + L.X_DATA] = 1 if args.get("random_fully") else 0
 
 
+_HEADER_FIELDS = "IIII16s16s16s16sHBBIHHIIH10x"  # struct ipt_entry, 112 B
+_HEADER = struct.Struct("<" + _HEADER_FIELDS)
+_XT = struct.Struct("<HB")  # xt_entry_match / xt_entry_target: size, our kind id
+# Each match in one call: its xt_entry_match header, then its payload at +32.
+_PAYLOADS = {
+    L.MATCH_TCP: "HHHHB", L.MATCH_UDP: "HHHHB", L.MATCH_SCTP: "HHHHB", L.MATCH_STATISTIC: "IB",
+    L.MATCH_MARK: "IIB", L.MATCH_CONNTRACK: "HB", L.MATCH_ADDRTYPE: "HHB", L.MATCH_RECENT: "IBBBxH",
+    L.MATCH_NFACCT: "H", L.MATCH_MULTIPORT: "BBBx15H",
+}
+_MATCH_STRUCTS = {kind: struct.Struct("<HB" + ("29x" + _PAYLOADS[kind] if kind in _PAYLOADS else ""))
+                  for kind in L.MATCH_SIZES}
+_MATCH_SIZES, _TARGET_SIZES = L.MATCH_SIZES, L.TARGET_SIZES
+_STANDARD_TARGET = struct.Struct("<HB29xi")  # xt_standard_target: header, verdict at +32
+_VERDICT = struct.Struct("<i")
+_NAT = struct.Struct("<IH")
+_MARK = struct.Struct("<II")
+# Whole entries that match everything: a chain's tail or policy (152 B), an ERROR head (176 B).
+_STANDARD_ENTRY = struct.Struct("<" + _HEADER_FIELDS + "HB29xi4x")
+_ERROR_ENTRY = struct.Struct("<" + _HEADER_FIELDS + "HB29x29s3x")
 _STANDARD_SIZE = L.TARGET_SIZES[L.TARGET_STANDARD]
-_STANDARD_ENTRY_SIZE = L.ENTRY_SIZE + _STANDARD_SIZE
-_ERROR_ENTRY_SIZE = L.ENTRY_SIZE + L.TARGET_SIZES[L.TARGET_ERROR]
+_ERROR_SIZE = L.TARGET_SIZES[L.TARGET_ERROR]
+assert _STANDARD_ENTRY.size == L.ENTRY_SIZE + _STANDARD_SIZE
+assert _ERROR_ENTRY.size == L.ENTRY_SIZE + _ERROR_SIZE
 _NO_IFACE = b"\0" * 16
-_iface_cached = functools.lru_cache(maxsize=1024)(_iface)  # a handful of names, many rules
+
+
+def _plain_header(index: int, next_offset: int) -> tuple:
+    """The header fields of an entry without addresses, interfaces or matches."""
+    return (0, 0, 0, 0, _NO_IFACE, _NO_IFACE, _NO_IFACE, _NO_IFACE, 0, 0, 0, 0, L.ENTRY_SIZE,
+            next_offset, 0, index, 0)

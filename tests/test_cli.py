@@ -1,0 +1,118 @@
+"""The command line: help, the cluster → rules → trace pipeline, bench output, and bad input."""
+import json
+
+import pytest
+
+from bench.cli import main
+from bench.results import read_jsonl
+
+
+def run(capsys, *argv):
+    status = main(list(argv))
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def assert_one_line_error(status, err, *fragments):
+    assert status == 2
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+@pytest.mark.parametrize("command", [[], ["bench"], ["rules"], ["trace"], ["cluster"]])
+def test_help_explains_every_subcommand(capsys, command):
+    with pytest.raises(SystemExit) as exc:
+        main(command + ["--help"])
+    assert exc.value.code == 0
+    assert "usage: kpbench" in capsys.readouterr().out
+
+
+@pytest.fixture
+def cluster_file(tmp_path, capsys):
+    path = tmp_path / "cluster.yaml"
+    status, _, _ = run(capsys, "cluster", "--services", "4", "--endpoints", "2", "--nodes", "2",
+                       "--mix", "clusterip", "-o", str(path))
+    assert status == 0
+    return path
+
+
+def test_cluster_rules_trace_pipeline(capsys, tmp_path, cluster_file):
+    rules = tmp_path / "rules.txt"
+    status, _, _ = run(capsys, "rules", "iptables", "--objects", str(cluster_file), "--jump-rules",
+                       "-o", str(rules))
+    assert status == 0
+    text = rules.read_text()
+    assert text.startswith("*filter") and text.count("COMMIT") == 2
+    # ClusterIP only: nat = 5 + S(2 + 3E) rules.
+    assert sum(1 for line in text.splitlines() if line.startswith("-A KUBE")) >= 5 + 4 * (2 + 3 * 2)
+
+    cluster_ip = next(line.split()[1] for line in open(cluster_file) if line.strip().startswith("clusterIP:"))
+    status, out, _ = run(capsys, "trace", "iptables", "--objects", str(cluster_file), "--src",
+                         "10.128.0.10", "--dst", cluster_ip.strip("'\""), "--dport", "80",
+                         "--all-endpoints", "--json")
+    assert status == 0
+    result = json.loads(out)
+    assert len(result["endpoints"]) == 2
+    assert result["verdict"] == "ACCEPT"
+    assert set(result["counters"]) >= {"entries_visited", "match_calls", "bytes_touched"}
+
+
+def test_missing_file_is_one_line(capsys, tmp_path):
+    status, _, err = run(capsys, "rules", "iptables", "--objects", str(tmp_path / "nope.yaml"))
+    assert_one_line_error(status, err, "nope.yaml")
+
+
+def test_malformed_yaml_names_the_line(capsys, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("apiVersion: v1\nkind: Service\nmetadata:\n  name: [unclosed\n")
+    status, _, err = run(capsys, "rules", "iptables", "--objects", str(bad))
+    assert_one_line_error(status, err, "bad.yaml")
+
+
+def test_bad_address_on_the_command_line(capsys, tmp_path):
+    rules = tmp_path / "r.txt"
+    rules.write_text("*nat\n:PREROUTING ACCEPT [0:0]\nCOMMIT\n")
+    status, _, err = run(capsys, "trace", "iptables", "--ruleset", str(rules), "--src", "10.0.0.300",
+                         "--dst", "10.0.0.1", "--dport", "80")
+    assert_one_line_error(status, err, "--src")
+
+
+def test_unknown_match_in_ruleset_names_the_line(capsys, tmp_path):
+    rules = tmp_path / "r.txt"
+    rules.write_text("*nat\n:PREROUTING ACCEPT [0:0]\n-A PREROUTING -m bogus --x 1 -j ACCEPT\nCOMMIT\n")
+    status, _, err = run(capsys, "trace", "iptables", "--ruleset", str(rules), "--src", "10.0.0.3",
+                         "--dst", "10.0.0.1", "--dport", "80")
+    assert_one_line_error(status, err, "r.txt:3")
+
+
+def test_failed_write_keeps_the_existing_output(capsys, tmp_path):
+    out = tmp_path / "rules.txt"
+    out.write_text("previous contents\n")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    status, _, err = run(capsys, "rules", "iptables", "--objects", str(bad), "-o", str(out))
+    assert_one_line_error(status, err, "bad.json")
+    assert out.read_text() == "previous contents\n"
+
+
+def test_impossible_bench_parameters(capsys, tmp_path):
+    status, _, err = run(capsys, "bench", "--services", "0", "--out", str(tmp_path), "--quiet")
+    assert_one_line_error(status, err, "--services")
+
+
+def test_bench_writes_results_and_resumes(capsys, tmp_path):
+    args = ["bench", "--services", "30", "60", "--endpoints", "2", "--nodes", "3", "--packets", "300",
+            "--out", str(tmp_path), "--no-benchmarks", "--quiet"]
+    status, out, _ = run(capsys, *args)
+    assert status == 0
+    records = read_jsonl(tmp_path / "results.jsonl")
+    assert len(records) == 2 * 3  # two points, three workloads each
+    assert {r["workload"] for r in records} == {"service_new", "nonservice_new", "established"}
+    assert (tmp_path / "results.csv").exists() and (tmp_path / "first_packet_latency.png").exists()
+    assert "services" in out
+    # A rerun finds every point done and appends nothing.
+    assert run(capsys, *args)[0] == 0
+    assert len(read_jsonl(tmp_path / "results.jsonl")) == 6
