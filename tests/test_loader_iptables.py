@@ -910,3 +910,15 @@ def mutated_payload(draw):
 @given(mutated_payload())
 def test_mutated_rule_lines_only_raise_input_error(text):
     load_or_input_error(text)
+
+
+@pytest.mark.parametrize("mix", ["realistic", "clusterip"])
+def test_round_trip_of_what_the_writer_prints(mix):
+    from bench.proxies.iptables import WriterOptions, rule_counts
+
+    text = write_full(generate(60, 3, 5, seed=11, mix=mix), WriterOptions(include_jump_rules=True))
+    first = load(text, source="writer")
+    assert first.rule_counts() == rule_counts(text)
+    again = load(dump(first), source="dump")
+    for name, table in first.tables.items():
+        assert table.blob.tobytes() == again.tables[name].blob.tobytes()
