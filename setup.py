@@ -28,7 +28,7 @@ extensions = [
         [path],
         include_dirs=[numpy.get_include()],
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_22_API_VERSION")],
-        extra_compile_args=["-O0", "-g"] if DEBUG else ["-O2"],
+        extra_compile_args=["-O0", "-g"] if DEBUG else ["-O3"],
     )
     for path in sorted(glob.glob("kernels/*.pyx"))
 ]
