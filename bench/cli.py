@@ -54,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--profile", choices=("quick", "default"), default="default",
                        help="quick: two small points per E, for CI; default: services "
                             "100..20,000 × endpoints 1, 10 (default: %(default)s)")
+    bench.add_argument("--modes", nargs="+", metavar="MODE",
+                       help=f"modes to measure (default: all of {', '.join(MODES)})")
     bench.add_argument("--services", type=int, nargs="+", metavar="S", help="override the services grid")
     bench.add_argument("--endpoints", type=int, nargs="+", metavar="E",
                        help="override the endpoints-per-service grid")

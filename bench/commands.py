@@ -96,7 +96,12 @@ def cmd_bench(args) -> int:
     from bench.results import ResultsWriter, export_csv, read_jsonl
 
     profile = sweep.PROFILES[args.profile]
+    unknown = set(args.modes or ()) - set(sweep.MODES)
+    if unknown:
+        raise InputError(f"unknown mode {sorted(unknown)[0]!r} (kpbench measures {', '.join(sweep.MODES)})",
+                         "command line", "--modes")
     points = sweep.grid(
+        args.modes or sweep.MODES,
         _positive(args.services or profile["services"], "--services"),
         _positive(args.endpoints or profile["endpoints"], "--endpoints"),
         _positive(args.nodes or profile["nodes"], "--nodes"),

@@ -53,13 +53,17 @@ class Point:
         return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def grid(services, endpoints, nodes, packets: int, seed: int) -> list[Point]:
-    return [Point("iptables", s, e, n, packets, seed)
-            for n in nodes for e in endpoints for s in services]
+def grid(modes, services, endpoints, nodes, packets: int, seed: int) -> list[Point]:
+    return [Point(m, s, e, n, packets, seed)
+            for m in modes for n in nodes for e in endpoints for s in services]
 
 
 def run_point(point: Point) -> list[dict]:
     """Measure one point: one record per workload."""
+    return MEASURE[point.mode](point)
+
+
+def measure_iptables(point: Point) -> list[dict]:
     cluster = generate(point.services, point.endpoints, point.nodes, seed=point.seed, mix=point.mix)
     infos = service_ports(cluster)
     started = time.perf_counter()
@@ -97,6 +101,10 @@ def run_point(point: Point) -> list[dict]:
     ]
 
 
+MEASURE = {"iptables": measure_iptables}
+MODES = tuple(MEASURE)
+
+
 def finished_points(path: Path) -> set[str]:
     if not path.exists():
         return set()
@@ -114,9 +122,9 @@ def run(points: list[Point], out: Path, fresh: bool = False, quiet: bool = False
     done = finished_points(path)
     writer = ResultsWriter(path)
     todo = [p for p in points if p.point_id not in done]
-    bar = tqdm(todo, desc="iptables sweep", unit="point", disable=quiet)
+    bar = tqdm(todo, desc="sweep", unit="point", disable=quiet)
     for point in bar:
-        bar.set_postfix_str(f"S={point.services} E={point.endpoints} N={point.nodes}")
+        bar.set_postfix_str(f"{point.mode} S={point.services} E={point.endpoints} N={point.nodes}")
         for record in run_point(point):
             writer.append(record)
     return path

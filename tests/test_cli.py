@@ -116,3 +116,8 @@ def test_bench_writes_results_and_resumes(capsys, tmp_path):
     # A rerun finds every point done and appends nothing.
     assert run(capsys, *args)[0] == 0
     assert len(read_jsonl(tmp_path / "results.jsonl")) == 6
+
+
+def test_unknown_mode_is_refused(capsys, tmp_path):
+    status, _, err = run(capsys, "bench", "--modes", "bogus", "--out", str(tmp_path), "--quiet")
+    assert_one_line_error(status, err, "--modes", "bogus")
