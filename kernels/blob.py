@@ -72,6 +72,7 @@ class CompiledTable:
     chain_start: dict[str, int]  # chain name -> offset of its first rule (or tail / policy)
     recent_names: list[str]  # -m recent table ids
     nfacct_names: list[str]  # -m nfacct object ids
+    set_names: list[str] = field(default_factory=list)  # -m set ids (ipset names)
 
     @property
     def n_entries(self) -> int:
@@ -118,8 +119,10 @@ class TableBuilder:
         self.chains: dict[str, Chain] = {}
         self.recent_names: list[str] = []
         self.nfacct_names: list[str] = []
+        self.set_names: list[str] = []
         self._recent_ids: dict[str, int] = {}  # name -> index in recent_names
         self._nfacct_ids: dict[str, int] = {}
+        self._set_ids: dict[str, int] = {}
         for hook in L.TABLE_HOOKS.get(name, ()):
             self.chains[hook] = Chain(hook, builtin=True)
 
@@ -135,6 +138,9 @@ class TableBuilder:
     def nfacct_id(self, name: str) -> int:
         return _list_index(self.nfacct_names, self._nfacct_ids, name)
 
+    def set_id(self, name: str) -> int:
+        return _list_index(self.set_names, self._set_ids, name)
+
     # ---- layout --------------------------------------------------------------------------
     def _ordered(self) -> list[Chain]:
         builtins = [c for c in self.chains.values() if c.builtin]
@@ -143,7 +149,7 @@ class TableBuilder:
 
     @staticmethod
     def rule_size(rule: Rule) -> int:
-        size = L.ENTRY_SIZE + sum(L.MATCH_SIZES[m.kind] for m in rule.matches)
+        size = L.ENTRY_SIZE + sum(L.BLOB_MATCH_SIZES[m.kind] for m in rule.matches)
         return size + L.TARGET_SIZES[rule.target]
 
     def build(self) -> CompiledTable:
@@ -183,7 +189,7 @@ class TableBuilder:
         user_chains = sum(1 for c in chains if not c.builtin)
         blob = np.frombuffer(buf, dtype=np.uint8)  # a view: no second copy of a 100 MB table
         return CompiledTable(self.name, blob, hook_entry, underflow, user_chains, entries, starts,
-                             list(self.recent_names), list(self.nfacct_names))
+                             list(self.recent_names), list(self.nfacct_names), list(self.set_names))
 
     @staticmethod
     def _policy_verdict(policy: str) -> int:
@@ -213,6 +219,13 @@ class TableBuilder:
         if kind == L.MATCH_MULTIPORT:
             ports = list(a["ports"])
             return (a["flags"], len(ports), a.get("invert", 0), *ports, *([0] * (L.MP_MAX_PORTS - len(ports))))
+        if kind == L.MATCH_SET:
+            return self.set_id(a["name"]), a["dim"], a["flags"]
+        if kind == L.MATCH_PHYSDEV:
+            return (*_iface(a.get("in", "")), *_iface(a.get("out", "")), a.get("invert", 0), a["bitmask"])
+        if kind == L.MATCH_IPVS:
+            return (*a.get("vaddr", (0, 0)), a.get("vport", 0), a.get("vproto", 0), a.get("invert", 0),
+                    a["bitmask"])
         return ()
 
     def _append_rule(self, buf: bytearray, rule: Rule, index: int, starts: dict[str, int],
@@ -272,11 +285,12 @@ _XT = struct.Struct("<HB")  # xt_entry_match / xt_entry_target: size, our kind i
 _PAYLOADS = {
     L.MATCH_TCP: "HHHHB", L.MATCH_UDP: "HHHHB", L.MATCH_SCTP: "HHHHB", L.MATCH_STATISTIC: "IB",
     L.MATCH_MARK: "IIB", L.MATCH_CONNTRACK: "HB", L.MATCH_ADDRTYPE: "HHB", L.MATCH_RECENT: "IBBBxH",
-    L.MATCH_NFACCT: "H", L.MATCH_MULTIPORT: "BBBx15H",
+    L.MATCH_NFACCT: "H", L.MATCH_MULTIPORT: "BBBx15H", L.MATCH_SET: "HBB",
+    L.MATCH_PHYSDEV: "16s16s16s16sBB", L.MATCH_IPVS: "I12xI12xHB3xBB",
 }
 _MATCH_STRUCTS = {kind: struct.Struct("<HB" + ("29x" + _PAYLOADS[kind] if kind in _PAYLOADS else ""))
-                  for kind in L.MATCH_SIZES}
-_MATCH_SIZES, _TARGET_SIZES = L.MATCH_SIZES, L.TARGET_SIZES
+                  for kind in L.BLOB_MATCH_SIZES}
+_MATCH_SIZES, _TARGET_SIZES = L.BLOB_MATCH_SIZES, L.TARGET_SIZES
 _STANDARD_TARGET = struct.Struct("<HB29xi")  # xt_standard_target: header, verdict at +32
 _VERDICT = struct.Struct("<i")
 _NAT = struct.Struct("<IH")

@@ -49,6 +49,18 @@ MATCH_SIZES = {
     MATCH_NFACCT: 72,  # xt_nfacct_match_info: name[32] + pointer
     MATCH_MULTIPORT: 80,  # xt_multiport_v1 48 B
 }
+# Matches the loader lays out but no kernel walks yet (IPVS mode's iptables rules). They stay
+# out of MATCH_SIZES, the kinds check_blob accepts, so a table using them is refused rather
+# than misread; a kernel that implements one moves it into MATCH_SIZES.
+MATCH_SET, MATCH_PHYSDEV, MATCH_IPVS = 12, 13, 14
+PENDING_MATCH_SIZES = {
+    # xt_set_info_match_v4 48 B [measured]: what iptables picks on kernels >= 4.x (rev 3 is
+    # also 48 B on x86-64). The ipset lookup behind it is the kernel's business, not the blob's.
+    MATCH_SET: 80,
+    MATCH_PHYSDEV: 104,  # xt_physdev_info 66 B -> 72 [measured]
+    MATCH_IPVS: 72,  # xt_ipvs_mtinfo 40 B [measured]
+}
+BLOB_MATCH_SIZES = {**MATCH_SIZES, **PENDING_MATCH_SIZES}  # every match TableBuilder lays out
 
 TARGET_STANDARD, TARGET_ERROR, TARGET_REJECT, TARGET_DNAT = 1, 2, 3, 4
 TARGET_SNAT, TARGET_MASQUERADE, TARGET_MARK = 5, 6, 7
@@ -86,6 +98,21 @@ NFACCT_ID = 32
 MP_FLAGS, MP_COUNT, MP_INVERT, MP_PORTS = 32, 33, 34, 36
 MP_SRC, MP_DST, MP_ANY = 1, 2, 3
 MP_MAX_PORTS = 15
+# set (struct xt_set_info at the start of xt_set_info_match_v4): u16 set id (index into the
+# table's set_names, where the kernel keeps ipset's index), u8 dim (1..6 dimensions), u8 flags:
+# bit 0 inverts the match, bit d (1..6) takes dimension d from the packet's source, else its
+# destination (IPSET_INV_MATCH, IPSET_DIM_*_SRC in uapi ip_set.h).
+SET_ID, SET_DIM, SET_FLAGS = 32, 34, 35
+SET_INVERT = 0x01
+SET_DIM_MAX = 6
+# physdev (xt_physdev_info): interface names and masks at +32, +48 (in), +64, +80 (out), then
+# u8 invert and u8 bitmask, both of PHYSDEV_* bits (XT_PHYSDEV_OP_*).
+PHYSDEV_IN_NAME, PHYSDEV_OUT_NAME, PHYSDEV_INVERT, PHYSDEV_BITMASK = 32, 64, 96, 97
+PHYSDEV_IN, PHYSDEV_OUT, PHYSDEV_BRIDGED, PHYSDEV_ISIN, PHYSDEV_ISOUT = 0x01, 0x02, 0x04, 0x08, 0x10
+# ipvs (xt_ipvs_mtinfo): u32 vaddr at +32 and vmask at +48 (16-byte unions in the kernel),
+# u16 vport, u8 l4proto, u8 fwd_method, u16 vportctl, u8 invert, u8 bitmask (IPVS_* bits).
+IPVS_VADDR, IPVS_VMASK, IPVS_VPORT, IPVS_L4PROTO, IPVS_INVERT, IPVS_BITMASK = 32, 48, 64, 66, 70, 71
+IPVS_PROPERTY, IPVS_PROTO, IPVS_ADDR, IPVS_PORT = 0x01, 0x02, 0x04, 0x08
 
 # ---- target payloads ----------------------------------------------------------------------
 # standard: i32 verdict. >= 0: blob offset to jump to; < 0: -(NF_x) - 1; RETURN below.
@@ -146,3 +173,125 @@ RESULT_DTYPE = np.dtype([
 ])  # 40 bytes, packed
 
 WORK_COUNTERS = ("entries_visited", "match_calls", "target_calls", "jumps", "rng_draws", "bytes_touched")
+
+
+# ---- kernel allocation sizes (for the memory models) ----------------------------------------
+
+def kmalloc_size(size: int) -> int:
+    """Bytes kmalloc really hands out for ``size``: the slab classes up to 8 KiB (kmalloc-8 …
+    kmalloc-96, kmalloc-192, powers of two), above that whole power-of-two page runs."""
+    if size <= 0:
+        return 0
+    for size_class in (8, 16, 32, 64, 96, 128, 192):
+        if size <= size_class:
+            return size_class
+    return 1 << (size - 1).bit_length()
+
+
+# ---- set keys: ipset elements and nftables concatenations (kernel byte order) ---------------
+# The hashset kernel hashes and compares these bytes as they are. ipset's elements are the
+# kernel's struct hash_*4_elem (addresses and ports in network order); nft concatenations pad
+# every field to 4 bytes (NFT_REG32). All packers take equal-length sequences (or scalars) and
+# return a C-contiguous uint8 array, one key per row.
+_IPSET_IP = np.dtype([("ip", ">u4")])
+_IPSET_IP_PORT = np.dtype([("ip", ">u4"), ("port", ">u2"), ("proto", "u1"), ("pad", "u1")])
+_IPSET_IP_PORT_IP = np.dtype([("ip", ">u4"), ("ip2", ">u4"), ("port", ">u2"), ("proto", "u1"),
+                              ("pad", "u1")])
+# hash:ip,port,net: ip2 is the network (masked), then `u8 cidr:7, nomatch:1` holding cidr - 1.
+_IPSET_IP_PORT_NET = np.dtype([("ip", ">u4"), ("ip2", ">u4"), ("port", ">u2"), ("cidr", "u1"),
+                               ("proto", "u1")])
+IPSET_NET_OFFSET, IPSET_CIDR_OFFSET = 4, 10  # where hash:ip,port,net keeps ip2 and cidr - 1
+_NFT_ADDR_PROTO_PORT = np.dtype([("addr", ">u4"), ("proto", "u1"), ("pad0", "u1", 3),
+                                 ("port", ">u2"), ("pad1", "u1", 2)])
+
+
+def _pack_keys(dtype: np.dtype, **fields) -> np.ndarray:
+    columns = np.broadcast_arrays(*(np.atleast_1d(np.asarray(v)) for v in fields.values()))
+    records = np.zeros(columns[0].shape[0], dtype=dtype)
+    for name, column in zip(fields, columns):
+        records[name] = column
+    return records.view(np.uint8).reshape(len(records), dtype.itemsize)
+
+
+def netmask(cidr) -> np.ndarray:
+    cidr = np.asarray(cidr, dtype=np.uint64)
+    return ((0xFFFFFFFF << (32 - cidr)) & 0xFFFFFFFF).astype(np.uint32)
+
+
+def ipset_key_ip(ips) -> np.ndarray:
+    """hash:ip (struct hash_ip4_elem): the address, 4 bytes."""
+    return _pack_keys(_IPSET_IP, ip=ips)
+
+
+def ipset_key_ip_port(ips, protos, ports) -> np.ndarray:
+    """hash:ip,port (struct hash_ipport4_elem): ip, port, proto, padding: 8 bytes."""
+    return _pack_keys(_IPSET_IP_PORT, ip=ips, port=ports, proto=protos)
+
+
+def ipset_key_ip_port_ip(ips, protos, ports, ips2) -> np.ndarray:
+    """hash:ip,port,ip (struct hash_ipportip4_elem): ip, ip2, port, proto, padding: 12 bytes."""
+    return _pack_keys(_IPSET_IP_PORT_IP, ip=ips, ip2=ips2, port=ports, proto=protos)
+
+
+def ipset_key_ip_port_net(ips, protos, ports, nets, cidrs=32) -> np.ndarray:
+    """hash:ip,port,net (struct hash_ipportnet4_elem): ip, net & mask, port, cidr - 1, proto.
+
+    For a lookup pass the packet's address as ``nets`` (cidr 32): the set masks it with each
+    prefix length it holds."""
+    return _pack_keys(_IPSET_IP_PORT_NET, ip=ips, ip2=np.asarray(nets, np.uint32) & netmask(cidrs),
+                      port=ports, cidr=np.asarray(cidrs) - 1, proto=protos)
+
+
+def nft_key_addr_proto_port(addrs, protos, ports) -> np.ndarray:
+    """``ip daddr . meta l4proto . th dport``: three fields each padded to 4 bytes, 12 bytes."""
+    return _pack_keys(_NFT_ADDR_PROTO_PORT, addr=addrs, proto=protos, port=ports)
+
+
+# ---- IPVS (kernels/ipvs.pyx; kernel-internals §2, §6.3) -------------------------------------
+# Schedulers by code (the `scheduler` field of IPVS_SERVICE_DTYPE).
+IPVS_SCHEDULERS = ("rr", "wrr", "lc", "dh", "sh", "sed", "nq", "mh")
+# Service flags (uapi ip_vs.h IP_VS_SVC_F_*): SCHED1 is sh/mh "fallback", SCHED2 sh/mh "port".
+IP_VS_SVC_F_PERSISTENT, IP_VS_SVC_F_ONEPACKET = 0x0001, 0x0004
+IP_VS_SVC_F_SCHED_FALLBACK, IP_VS_SVC_F_SCHED_PORT = 0x0008, 0x0010
+# Destination flags (IP_VS_DEST_F_*): a removed destination loses AVAILABLE.
+IP_VS_DEST_F_AVAILABLE, IP_VS_DEST_F_OVERLOAD = 0x0001, 0x0002
+
+IPVS_SERVICE_DTYPE = np.dtype([
+    ("addr", "<u4"), ("port", "<u2"), ("proto", "u1"), ("scheduler", "u1"),
+    ("flags", "<u4"), ("fwmark", "<u4"),
+    ("timeout", "<u4"),  # persistence timeout, seconds (kube-proxy: stickyMaxAgeSeconds)
+    ("netmask", "<u4"),  # persistence granularity (ipvsadm -M; 255.255.255.255 by default)
+])
+IPVS_DEST_DTYPE = np.dtype([
+    ("service", "<i4"),  # index of the service it belongs to
+    ("addr", "<u4"), ("port", "<u2"), ("pad0", "<u2"),
+    ("weight", "<i4"), ("activeconns", "<i4"), ("inactconns", "<i4"),
+    ("flags", "<u4"),  # IP_VS_DEST_F_OVERLOAD may be set; AVAILABLE is the model's business
+])
+# One connection slot of the model (connections and persistence templates share the table).
+IPVS_CONN_DTYPE = np.dtype([
+    ("next", "<i4"), ("dest", "<i4"), ("control", "<i4"), ("n_control", "<i4"),
+    ("caddr", "<u4"), ("vaddr", "<u4"), ("daddr", "<u4"),
+    ("cport", "<u2"), ("vport", "<u2"), ("dport", "<u2"),
+    ("proto", "u1"), ("flags", "u1"),  # IPVS_CONN_* below
+    ("expires", "<u4"),  # seconds: when the connection's timer fires
+])
+IPVS_CONN_TEMPLATE, IPVS_CONN_INACTIVE, IPVS_CONN_IN_USE = 0x01, 0x02, 0x04
+
+# Per-packet verdicts of kernels.ipvs.IPVS.process.
+IPVS_FORWARD = 0  # forwarded (masquerade) to the real server dnat_ip:dnat_port
+IPVS_NOT_SERVICE = 1  # no virtual service (or not TCP/UDP/SCTP): accepted untouched
+IPVS_NO_DEST = 2  # the scheduler found no destination: ICMP unreachable and dropped
+IPVS_NO_CONN = 3  # no connection and not a first packet: accepted untouched
+IPVS_DEST_GONE = 4  # the connection's real server was removed: dropped, connection expired
+IPVS_VERDICT_NAMES = ["FORWARD", "NOT_SERVICE", "NO_DEST", "NO_CONN", "DEST_GONE"]
+
+IPVS_RESULT_DTYPE = np.dtype([
+    ("verdict", "u1"), ("conn_hit", "u1"), ("dnat_port", "<u2"),
+    ("dnat_ip", "<u4"),
+    ("service", "<i4"), ("dest", "<i4"),  # -1 when none
+    ("svc_compares", "<u4"), ("conn_compares", "<u4"), ("dests_examined", "<u4"),
+    ("conns_created", "<u4"), ("timer_rearms", "<u4"), ("hash_computations", "<u4"),
+])  # 40 bytes, packed
+IPVS_WORK_COUNTERS = ("svc_compares", "conn_compares", "dests_examined", "conns_created",
+                      "timer_rearms", "hash_computations")

@@ -290,9 +290,11 @@ _PROTOCOL_NAMES = {**{v: k for k, v in _OTHER_PROTOCOLS.items()}, **PROTOCOL_NAM
 
 
 # ---- match extensions ------------------------------------------------------------------------
-# An option is (key, takes_arg, invertible, apply). ``apply(args, value, invert)`` stores what
-# it parsed in the match's args under ``key``; a second option with the same key in the same
-# match is a repeat or a conflict, which iptables rejects too.
+# An option is (key, takes_arg, invertible, apply). ``takes_arg`` is False, True (one argument)
+# or 2 (``-m set --match-set NAME DIRS``: the value is then the list of both).
+# ``apply(args, value, invert)`` stores what it parsed in the match's args under ``key``; a
+# second option with the same key in the same match is a repeat or a conflict, which iptables
+# rejects too.
 
 class _Extension:
     """A match or target extension: its options, the check iptables makes once the whole rule
@@ -552,6 +554,72 @@ def _save_multiport(args) -> str:
     return f"{_bang(args)} {_MULTIPORT_OPTIONS[args['flags']]} {ports}"
 
 
+# set (libxt_set, match revision 4): the set's name and which packet field feeds each of its
+# dimensions. Whether the set exists is ipset's business; the IPVS loader checks it.
+_SET_NAME_MAX = 31  # IPSET_MAXNAMELEN - 1
+
+
+def _match_set(args, value, invert):
+    name, directions = value
+    args["name"] = _bounded_name(name, _SET_NAME_MAX, "a set name")
+    dims = directions.split(",")
+    if len(dims) > L.SET_DIM_MAX or any(direction not in ("src", "dst") for direction in dims):
+        raise InputError(f"bad directions {directions!r} (1 to {L.SET_DIM_MAX} of src or dst, comma-separated)")
+    flags = L.SET_INVERT if invert else 0
+    for dim, direction in enumerate(dims, 1):
+        if direction == "src":
+            flags |= 1 << dim
+    args["dim"], args["flags"] = len(dims), flags
+
+
+def _save_set(args) -> str:
+    flags = args["flags"]
+    directions = ",".join("src" if flags & 1 << dim else "dst" for dim in range(1, args["dim"] + 1))
+    bang = " !" if flags & L.SET_INVERT else ""
+    return f"{bang} --match-set {_save_string(args['name'])} {directions}"
+
+
+# physdev: (option, key, bit, takes an interface name), in the order libxt_physdev saves them
+_PHYSDEV_OPTIONS = (
+    ("--physdev-is-in", "is_in", L.PHYSDEV_ISIN, False),
+    ("--physdev-in", "in", L.PHYSDEV_IN, True),
+    ("--physdev-is-out", "is_out", L.PHYSDEV_ISOUT, False),
+    ("--physdev-out", "out", L.PHYSDEV_OUT, True),
+    ("--physdev-is-bridged", "is_bridged", L.PHYSDEV_BRIDGED, False),
+)
+
+
+def _bit_option(key: str, bit: int, parse=None, implied: int = 0):
+    """An option that sets ``bit`` (plus ``implied``) in the match's bitmask and, after a '!',
+    in its invert bits; ``parse`` reads its argument, if it takes one."""
+    def apply(args, value, invert):
+        args[key] = parse(value) if parse else True
+        args["bitmask"] = args.get("bitmask", 0) | bit | implied
+        if invert:
+            _set_invert(args, bit)
+    return apply
+
+
+def _save_physdev(args) -> str:
+    return "".join(f"{_bang(args, bit)} {option}" + (f" {args[key]}" if named else "")
+                   for option, key, bit, named in _PHYSDEV_OPTIONS if key in args)
+
+
+# ipvs: every option implies IPVS_PROPERTY (the packet belongs to an IPVS connection)
+def _save_ipvs(args) -> str:
+    text = f"{_bang(args, L.IPVS_PROPERTY)} --ipvs" if args["bitmask"] == L.IPVS_PROPERTY else ""
+    if "vproto" in args:
+        text += f"{_bang(args, L.IPVS_PROTO)} --vproto {args['vproto']}"
+    if "vaddr" in args:
+        net, mask = args["vaddr"]
+        prefix = mask.bit_count()
+        # libxt_ipvs leaves out a /32, as xtables_ipmask_to_numeric does
+        text += f"{_bang(args, L.IPVS_ADDR)} --vaddr {int_to_ip(net)}{'' if prefix == 32 else f'/{prefix}'}"
+    if "vport" in args:
+        text += f"{_bang(args, L.IPVS_PORT)} --vport {args['vport']}"
+    return text
+
+
 _MATCHES: dict[str, _Extension] = {m.name: m for m in (
     _Extension("comment", L.MATCH_COMMENT,
                _option_table((("--comment",), "comment", True, False, _store("comment", _comment_text))),
@@ -589,9 +657,21 @@ _MATCHES: dict[str, _Extension] = {m.name: m for m in (
         (("--dports", "--destination-ports"), "ports", True, True, _multiport_apply(L.MP_DST)),
         (("--ports",), "ports", True, True, _multiport_apply(L.MP_ANY)),
     ), _multiport_finish, _save_multiport),
+    _Extension("set", L.MATCH_SET, _option_table((("--match-set",), "name", 2, True, _match_set)),
+               _require("name", "-m set needs --match-set NAME DIRECTIONS"), _save_set),
+    _Extension("physdev", L.MATCH_PHYSDEV, _option_table(
+        *(((option,), key, named, True, _bit_option(key, bit, _interface if named else None))
+          for option, key, bit, named in _PHYSDEV_OPTIONS),
+    ), _require("bitmask", "-m physdev needs one of its options"), _save_physdev),
+    _Extension("ipvs", L.MATCH_IPVS, _option_table(
+        (("--ipvs",), "ipvs", False, True, _bit_option("ipvs", L.IPVS_PROPERTY)),
+        (("--vproto",), "vproto", True, True, _bit_option("vproto", L.IPVS_PROTO, _protocol, L.IPVS_PROPERTY)),
+        (("--vaddr",), "vaddr", True, True, _bit_option("vaddr", L.IPVS_ADDR, parse_cidr, L.IPVS_PROPERTY)),
+        (("--vport",), "vport", True, True, _bit_option("vport", L.IPVS_PORT, _port, L.IPVS_PROPERTY)),
+    ), _require("bitmask", "-m ipvs needs --ipvs, --vproto, --vaddr or --vport"), _save_ipvs),
 )}
 _MATCH_BY_KIND = {m.kind: m for m in _MATCHES.values() if m.name != "state"}  # state: see args
-_NAMED_KINDS = frozenset((L.MATCH_RECENT, L.MATCH_NFACCT))
+_NAMED_KINDS = frozenset((L.MATCH_RECENT, L.MATCH_NFACCT, L.MATCH_SET))
 # The protocol match iptables loads by itself when -p tcp is followed by --dport.
 _IMPLICIT = {PROTOCOLS[name]: _MATCHES[name] for name in ("tcp", "udp", "sctp")}
 
@@ -733,7 +813,7 @@ _TARGET_BY_KIND = {t.kind: t for t in _TARGETS.values()}
 _RESERVED_CHAIN_NAMES = frozenset(_VERDICTS) | frozenset(_TARGETS) | {"QUEUE", "ERROR"}
 # A rule with more matches than this might overflow the u16 next_offset; only then is its size
 # computed (every match is at most 288 bytes).
-_MATCHES_ALWAYS_FIT = (0xFFFF - L.ENTRY_SIZE - max(L.TARGET_SIZES.values())) // max(L.MATCH_SIZES.values())
+_MATCHES_ALWAYS_FIT = (0xFFFF - L.ENTRY_SIZE - max(L.TARGET_SIZES.values())) // max(L.BLOB_MATCH_SIZES.values())
 
 
 # ---- one rule ------------------------------------------------------------------------------
@@ -745,7 +825,7 @@ class _RuleParser:
     def __init__(self):
         self.table = ""
         self.chains: dict[str, Chain] = {}
-        self.named_matches = 0  # -m recent and -m nfacct matches read (their names get u16 ids)
+        self.named_matches = 0  # -m recent, -m nfacct and -m set matches read (names get u16 ids)
         self._cidrs: dict[str, tuple[int, int]] = {}
 
     def parse(self, tokens: list[str], index: int, chain: Chain, text: str, number: int) -> Rule:
@@ -795,10 +875,11 @@ class _RuleParser:
                 raise InputError(f"{token} repeats or conflicts with an earlier option")
             value = None
             if takes_arg:
-                if index >= len(tokens):
-                    raise InputError(f"option {token} needs an argument")
-                value = tokens[index]
-                index += 1
+                if index + takes_arg > len(tokens):
+                    raise InputError(f"option {token} needs "
+                                     + ("an argument" if takes_arg is True else f"{takes_arg} arguments"))
+                value = tokens[index] if takes_arg is True else tokens[index:index + takes_arg]
+                index += takes_arg
             apply(args, value, invert)
         except InputError as exc:
             raise InputError(exc.message, field=exc.field or token) from None
@@ -945,13 +1026,13 @@ class _TableEdit:
         self.shared: set[str] = set()
         self.jumps: dict[str, set[str]] = {}  # chain -> the chains it jumps to (unshared chains)
         self._refs: Counter | None = None  # jumps to each chain; counted on the first -X
-        self.base_names = 0  # -m recent and -m nfacct names taken over from the base
+        self.base_names = 0  # -m recent, -m nfacct and -m set names taken over from the base
         if base is None:
             return
         if keep_rules:
             self.builder.chains = self.chains = dict(base.chains)
             self.shared = set(base.chains)
-            self.base_names = len(base.recent_names) + len(base.nfacct_names)
+            self.base_names = len(base.recent_names) + len(base.nfacct_names) + len(base.set_names)
         else:  # iptables-restore flushes rules and user chains, but policies stay
             for chain in self.builder.chains.values():
                 chain.policy = base.chains[chain.name].policy
@@ -1181,8 +1262,9 @@ class _Restore:
 
     @staticmethod
     def _check_id_space(builder: TableBuilder) -> None:
-        """The model keeps -m recent and -m nfacct names as u16 ids."""
-        for kind, what in ((L.MATCH_RECENT, "-m recent list names"), (L.MATCH_NFACCT, "nfacct names")):
+        """The model keeps -m recent, -m nfacct and -m set names as u16 ids."""
+        for kind, what in ((L.MATCH_RECENT, "-m recent list names"), (L.MATCH_NFACCT, "nfacct names"),
+                           (L.MATCH_SET, "set names")):
             names = {m.args["name"] for chain in builder.chains.values() for rule in chain.rules
                      for m in rule.matches if m.kind == kind}
             if len(names) > 0xFFFF:

@@ -453,14 +453,17 @@ def _ordered(infos: list[ServicePortInfo], seed: int | None) -> list[ServicePort
 
 
 def _write_masquerade_chains(buf: _Buffers, host: _Host) -> None:
-    mark = host.mark
-    random_fully = ("--random-fully",) if host.random_fully else ()
-    buf.nat_rules += [
+    buf.nat_rules += masquerade_rules(host.mark, host.random_fully)
+
+
+def masquerade_rules(mark: str, random_fully: bool) -> list[str]:
+    """KUBE-POSTROUTING's and KUBE-MARK-MASQ's rules, the same in iptables and IPVS mode."""
+    return [
         _rule(KUBE_POSTROUTING, "-m", "mark", "!", "--mark", f"{mark}/{mark}", "-j", "RETURN"),
         # Clear the mark so a packet that re-traverses the stack is not masqueraded twice.
         _rule(KUBE_POSTROUTING, "-j", "MARK", "--xor-mark", mark),
         _rule(KUBE_POSTROUTING, _comment("kubernetes service traffic requiring SNAT"),
-              "-j", "MASQUERADE", random_fully),
+              "-j", "MASQUERADE", ("--random-fully",) if random_fully else ()),
         _rule(KUBE_MARK_MASQ, "-j", "MARK", "--or-mark", mark),
     ]
 
@@ -667,7 +670,12 @@ def _write_forward_chain(buf: _Buffers, host: _Host) -> None:
         nfacct = ("-m", "nfacct", "--nfacct-name", NFACCT_INVALID_DROPPED) if host.nfacct else ()
         buf.filter_rules.append(_rule(KUBE_FORWARD, "-m", "conntrack", "--ctstate", "INVALID", nfacct,
                                       "-j", "DROP"))
-    buf.filter_rules += [
+    buf.filter_rules += forward_accept_rules(mark)
+
+
+def forward_accept_rules(mark: str) -> list[str]:
+    """KUBE-FORWARD's ACCEPT rules, the same in iptables and IPVS mode."""
+    return [
         # Forward marked traffic even where the FORWARD policy is DROP.
         _rule(KUBE_FORWARD, _comment("kubernetes forwarding rules"),
               "-m", "mark", "--mark", f"{mark}/{mark}", "-j", "ACCEPT"),
