@@ -33,6 +33,14 @@ def siphash24(const uint8_t[::1] data, uint64_t k0, uint64_t k1) -> int:
     return h.siphash24(first_byte(data), data.shape[0], k0, k1)
 
 
+def hsiphash(const uint8_t[::1] data, uint64_t k0, uint64_t k1) -> int:
+    return h.hsiphash(first_byte(data), data.shape[0], k0, k1)
+
+
+def hsiphash_u32(uint32_t value, uint64_t k0, uint64_t k1) -> int:
+    return h.hsiphash_u32(value, k0, k1)
+
+
 def jhash(const uint8_t[::1] data, uint32_t initval) -> int:
     return h.jhash(first_byte(data), <uint32_t>data.shape[0], initval)
 

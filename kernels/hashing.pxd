@@ -4,7 +4,8 @@
 # kernels/reference/hashing.py is the pure-Python twin and must give identical results
 # (tests/test_kernels.py checks both against fixed vectors).
 # Sources: include/linux/jhash.h (jhash family), include/linux/hash.h (hash_32),
-# include/linux/kernel.h (reciprocal_scale), lib/siphash.c (SipHash-2-4), and Vigna's splitmix64
+# include/linux/kernel.h (reciprocal_scale), lib/siphash.c (SipHash-2-4, and hsiphash as 64-bit
+# kernels build it: SipHash-1-3 truncated to 32 bits), and Vigna's splitmix64
 # standing in for get_random_u32() so that every run is reproducible from its seed.
 from libc.stdint cimport uint8_t, uint32_t, uint64_t
 
@@ -123,7 +124,12 @@ cdef inline uint32_t jhash_1word(uint32_t a, uint32_t initval) noexcept nogil:
     return jhash_nwords(a, 0, 0, initval + JHASH_INITVAL + (1 << 2))
 
 
-# ---- SipHash-2-4 (lib/siphash.c; key = two little-endian u64 words) -------------------------
+# ---- SipHash (lib/siphash.c; key = two little-endian u64 words) -----------------------------
+#
+# siphash24() is SipHash-2-4. hsiphash() is what a 64-bit kernel builds (BITS_PER_LONG == 64):
+# lib/siphash.c makes "HalfSipHash-1-3" really SipHash-1-3 on 64-bit words for speed, with the
+# 128-bit hsiphash_key_t and the 64-bit result truncated to the u32 return type. (Only 32-bit
+# kernels run the real HalfSipHash.) ip_vs_mh uses hsiphash.
 
 cdef inline uint64_t rol64(uint64_t w, unsigned int s) noexcept nogil:
     return (w << s) | (w >> (64 - s))
@@ -136,31 +142,52 @@ cdef inline void sipround(uint64_t *v) noexcept nogil:
     v[2] += v[1]; v[1] = rol64(v[1], 17); v[1] ^= v[2]; v[2] = rol64(v[2], 32)
 
 
-cdef inline void sip_absorb(uint64_t *v, uint64_t m) noexcept nogil:
+cdef inline void sip_absorb(uint64_t *v, uint64_t m, int rounds) noexcept nogil:
+    cdef int r
     v[3] ^= m
-    sipround(v)
-    sipround(v)
+    for r in range(rounds):
+        sipround(v)
     v[0] ^= m
 
 
-cdef inline uint64_t siphash24(const uint8_t *data, size_t length, uint64_t k0,
-                               uint64_t k1) noexcept nogil:
+cdef inline uint64_t siphash_cd(const uint8_t *data, size_t length, uint64_t k0, uint64_t k1,
+                                int c_rounds, int d_rounds) noexcept nogil:
+    # SipHash-c-d; the callers pass constants, so the round loops unroll after inlining.
     cdef uint64_t v[4]
     v[0] = 0x736f6d6570736575ULL ^ k0
     v[1] = 0x646f72616e646f6dULL ^ k1
     v[2] = 0x6c7967656e657261ULL ^ k0
     v[3] = 0x7465646279746573ULL ^ k1
     cdef size_t i, whole = length - (length & 7)
+    cdef int r
     for i in range(0, whole, 8):
-        sip_absorb(v, load_le64(data + i))
+        sip_absorb(v, load_le64(data + i), c_rounds)
     # The last block carries the length in its top byte under the 0..7 leftover bytes.
     cdef uint64_t last = (<uint64_t>length) << 56
     for i in range(length & 7):
         last |= (<uint64_t>data[whole + i]) << (8 * i)
-    sip_absorb(v, last)
+    sip_absorb(v, last, c_rounds)
     v[2] ^= 0xff
-    sipround(v)
-    sipround(v)
-    sipround(v)
-    sipround(v)
+    for r in range(d_rounds):
+        sipround(v)
     return v[0] ^ v[1] ^ v[2] ^ v[3]
+
+
+cdef inline uint64_t siphash24(const uint8_t *data, size_t length, uint64_t k0,
+                               uint64_t k1) noexcept nogil:
+    return siphash_cd(data, length, k0, k1, 2, 4)
+
+
+cdef inline uint32_t hsiphash(const uint8_t *data, size_t length, uint64_t k0,
+                              uint64_t k1) noexcept nogil:
+    return <uint32_t>siphash_cd(data, length, k0, k1, 1, 3)
+
+
+cdef inline uint32_t hsiphash_u32(uint32_t value, uint64_t k0, uint64_t k1) noexcept nogil:
+    # hsiphash(&value, sizeof(value), key): the u32 as it sits in (little-endian) memory.
+    cdef uint8_t image[4]
+    image[0] = value
+    image[1] = value >> 8
+    image[2] = value >> 16
+    image[3] = value >> 24
+    return hsiphash(image, 4, k0, k1)

@@ -249,7 +249,7 @@ def nft_key_addr_proto_port(addrs, protos, ports) -> np.ndarray:
 
 # ---- IPVS (kernels/ipvs.pyx; kernel-internals §2, §6.3) -------------------------------------
 # Schedulers by code (the `scheduler` field of IPVS_SERVICE_DTYPE).
-IPVS_SCHEDULERS = ("rr", "wrr", "lc", "dh", "sh", "sed", "nq", "mh")
+IPVS_SCHEDULERS = ("rr", "wrr", "lc", "dh", "sh", "sed", "nq", "mh", "wlc")
 # Service flags (uapi ip_vs.h IP_VS_SVC_F_*): SCHED1 is sh/mh "fallback", SCHED2 sh/mh "port".
 IP_VS_SVC_F_PERSISTENT, IP_VS_SVC_F_ONEPACKET = 0x0001, 0x0004
 IP_VS_SVC_F_SCHED_FALLBACK, IP_VS_SVC_F_SCHED_PORT = 0x0008, 0x0010

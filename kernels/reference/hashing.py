@@ -2,8 +2,9 @@
 
 Same API as the compiled wrapper kernels._hashing and bit-for-bit the same results. Sources:
 include/linux/jhash.h (jhash family), include/linux/hash.h (hash_32), include/linux/kernel.h
-(reciprocal_scale), lib/siphash.c (SipHash-2-4), and Vigna's splitmix64 standing in for
-get_random_u32() so that every run is reproducible from its seed.
+(reciprocal_scale), lib/siphash.c (SipHash-2-4, and hsiphash as 64-bit kernels build it:
+SipHash-1-3 truncated to 32 bits), and Vigna's splitmix64 standing in for get_random_u32() so
+that every run is reproducible from its seed.
 """
 M32 = 0xFFFFFFFF
 M64 = 0xFFFFFFFFFFFFFFFF
@@ -101,7 +102,11 @@ def jhash_1word(a: int, initval: int) -> int:
     return _jhash_nwords(a, 0, 0, (initval + JHASH_INITVAL + (1 << 2)) & M32)
 
 
-# ---- SipHash-2-4 ----------------------------------------------------------------------------
+# ---- SipHash --------------------------------------------------------------------------------
+#
+# siphash24() is SipHash-2-4. hsiphash() is what a 64-bit kernel builds: lib/siphash.c makes
+# "HalfSipHash-1-3" really SipHash-1-3 on 64-bit words when BITS_PER_LONG == 64, with the 128-bit
+# hsiphash_key_t and the 64-bit result truncated to the u32 return type. ip_vs_mh uses hsiphash.
 
 def _rol64(w: int, s: int) -> int:
     return ((w << s) | (w >> (64 - s))) & M64
@@ -115,7 +120,7 @@ def _sipround(v0: int, v1: int, v2: int, v3: int) -> tuple[int, int, int, int]:
     return v0, v1, v2, v3
 
 
-def siphash24(data: bytes, k0: int, k1: int) -> int:
+def _siphash_cd(data: bytes, k0: int, k1: int, c_rounds: int, d_rounds: int) -> int:
     data = bytes(data)
     v0, v1 = 0x736F6D6570736575 ^ k0, 0x646F72616E646F6D ^ k1
     v2, v3 = 0x6C7967656E657261 ^ k0, 0x7465646279746573 ^ k1
@@ -125,10 +130,23 @@ def siphash24(data: bytes, k0: int, k1: int) -> int:
     blocks = [int.from_bytes(data[i:i + 8], "little") for i in range(0, whole, 8)] + [last]
     for m in blocks:
         v3 ^= m
-        v0, v1, v2, v3 = _sipround(v0, v1, v2, v3)
-        v0, v1, v2, v3 = _sipround(v0, v1, v2, v3)
+        for _ in range(c_rounds):
+            v0, v1, v2, v3 = _sipround(v0, v1, v2, v3)
         v0 ^= m
     v2 ^= 0xFF
-    for _ in range(4):
+    for _ in range(d_rounds):
         v0, v1, v2, v3 = _sipround(v0, v1, v2, v3)
     return v0 ^ v1 ^ v2 ^ v3
+
+
+def siphash24(data: bytes, k0: int, k1: int) -> int:
+    return _siphash_cd(data, k0, k1, 2, 4)
+
+
+def hsiphash(data: bytes, k0: int, k1: int) -> int:
+    return _siphash_cd(data, k0, k1, 1, 3) & M32
+
+
+def hsiphash_u32(value: int, k0: int, k1: int) -> int:
+    """hsiphash(&value, sizeof(value), key): the u32 as it sits in (little-endian) memory."""
+    return hsiphash((value & M32).to_bytes(4, "little"), k0, k1)
