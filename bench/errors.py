@@ -18,3 +18,23 @@ class InputError(Exception):
         parts = [p for p in (self.where, self.field) if p]
         prefix = ": ".join(parts)
         return f"{prefix}: {self.message}" if prefix else self.message
+
+
+def read_input(path, expected: str) -> str:
+    """The UTF-8 text of an input file; any reason it cannot be read is an InputError.
+
+    ``expected`` names what the file should be, e.g. "an iptables-save file".
+    """
+    from pathlib import Path
+
+    name = str(path)
+    try:
+        return Path(path).read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        raise InputError("no such file", name) from None
+    except IsADirectoryError:
+        raise InputError(f"is a directory, not {expected}", name) from None
+    except UnicodeDecodeError as exc:
+        raise InputError(f"not UTF-8 text (byte {exc.start})", name) from None
+    except OSError as exc:
+        raise InputError(f"cannot read: {exc.strerror}", name) from None

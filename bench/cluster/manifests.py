@@ -20,14 +20,13 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 
 import yaml
 
 from bench.cluster.model import (CLUSTER_IP, DEFAULT_AFFINITY_TIMEOUT, POLICY_CLUSTER,
                                  POLICY_LOCAL, SERVICE_TYPES, Cluster, Endpoint, EndpointPort,
                                  EndpointSlice, Node, ProxyConfig, Service, ServicePort)
-from bench.errors import InputError
+from bench.errors import InputError, read_input
 from bench.netaddr import ip_to_int, parse_cidr, parse_port, parse_protocol
 
 API_VERSIONS = {"Service": "v1", "EndpointSlice": "discovery.k8s.io/v1", "Node": "v1"}
@@ -87,24 +86,10 @@ def _resolve_primary(config: ProxyConfig, config_file: str) -> list[str]:
 
 def _read_documents(path) -> list:
     """The documents of a YAML or JSON file; a JSON file is one document."""
-    text = _read_text(path)
+    text = read_input(path, "a manifests file")
     if text.lstrip()[:1] in ("{", "["):
         return [_parse_json(text, str(path))]
     return _parse_yaml(text, str(path))
-
-
-def _read_text(path) -> str:
-    file = Path(path)
-    if not file.exists():
-        raise InputError("no such file", str(path))
-    if file.is_dir():
-        raise InputError("is a directory, expected a file", str(path))
-    try:
-        return file.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise InputError(f"cannot read: {exc.strerror}", str(path)) from None
-    except UnicodeDecodeError:
-        raise InputError("not UTF-8 text", str(path)) from None
 
 
 def _parse_json(text: str, file: str):

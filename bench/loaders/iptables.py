@@ -20,9 +20,8 @@ import operator
 import re
 from collections import Counter
 from dataclasses import dataclass
-from pathlib import Path
 
-from bench.errors import InputError
+from bench.errors import InputError, read_input
 from bench.netaddr import PROTOCOL_NAMES, PROTOCOLS, int_to_ip, ip_to_int, parse_cidr, parse_port
 from kernels import layout as L
 from kernels.blob import Chain, CompiledTable, Match, Rule, TableBuilder
@@ -65,18 +64,7 @@ def load(text: str, source: str = "<string>", base: Ruleset | None = None,
 
 def load_file(path, base: Ruleset | None = None, noflush: bool = False) -> Ruleset:
     """:func:`load` the file at ``path``; a file that cannot be read is an InputError."""
-    name = str(path)
-    try:
-        text = Path(path).read_bytes().decode("utf-8")
-    except FileNotFoundError:
-        raise InputError("no such file", name) from None
-    except IsADirectoryError:
-        raise InputError("is a directory, not an iptables-save file", name) from None
-    except UnicodeDecodeError as exc:
-        raise InputError(f"not UTF-8 text (byte {exc.start})", name) from None
-    except OSError as exc:
-        raise InputError(f"cannot read: {exc.strerror}", name) from None
-    return load(text, name, base, noflush)
+    return load(read_input(path, "an iptables-save file"), str(path), base, noflush)
 
 
 def dump(ruleset: Ruleset) -> str:

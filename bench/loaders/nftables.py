@@ -73,9 +73,8 @@ import gc
 import re
 from collections import Counter as _Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from bench.errors import InputError
+from bench.errors import InputError, read_input
 from bench.netaddr import PROTOCOLS, ip_to_int
 
 __all__ = ["NftRuleset", "Table", "Chain", "NftSet", "Rule", "Prefix", "AnonSet", "Payload", "Meta",
@@ -301,18 +300,7 @@ def load(text: str, source: str = "<string>", base: NftRuleset | None = None) ->
 
 def load_file(path, base: NftRuleset | None = None) -> NftRuleset:
     """:func:`load` the file at ``path``; a file that cannot be read is an InputError."""
-    name = str(path)
-    try:
-        text = Path(path).read_bytes().decode("utf-8")
-    except FileNotFoundError:
-        raise InputError("no such file", name) from None
-    except IsADirectoryError:
-        raise InputError("is a directory, not an nft ruleset", name) from None
-    except UnicodeDecodeError as exc:
-        raise InputError(f"not UTF-8 text (byte {exc.start})", name) from None
-    except OSError as exc:
-        raise InputError(f"cannot read: {exc.strerror}", name) from None
-    return load(text, name, base)
+    return load(read_input(path, "an nft ruleset"), str(path), base)
 
 
 # ---- tokens and values ---------------------------------------------------------------------
