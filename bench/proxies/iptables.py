@@ -91,19 +91,19 @@ class WriterOptions:
 
 # --- names, hashes, probabilities ------------------------------------------------------------
 
-def _hash16(text: str) -> str:
+def hash16(text: str) -> str:
     # base32(sha256)[:16], as kube-proxy computes it; 10 bytes encode to exactly those 16 characters.
     return base64.b32encode(hashlib.sha256(text.encode()).digest()[:10]).decode()
 
 
 def port_proto_hash(spn: str, proto: str) -> str:
     """The 16-character hash shared by a service port's SVC/SVL/EXT/FW chains."""
-    return _hash16(spn + proto)
+    return hash16(spn + proto)
 
 
 def endpoint_chain_hash(spn: str, proto: str, endpoint: str) -> str:
     """The hash of one endpoint's KUBE-SEP chain; ``endpoint`` is ``ip:port``."""
-    return _hash16(spn + proto + endpoint)
+    return hash16(spn + proto + endpoint)
 
 
 def service_chain(spn: str, proto: str) -> str:
@@ -140,7 +140,7 @@ def compute_probability(n: int) -> str:
 # --- the host, as kube-proxy sees it ---------------------------------------------------------
 
 @dataclass(frozen=True)
-class _Host:
+class HostFacts:
     mark: str
     masquerade_all: bool
     local_cidr: str  # the local-traffic detector's pod CIDR; "" when there is none
@@ -153,17 +153,17 @@ class _Host:
     large_cluster: bool
 
 
-def _host(cluster: Cluster, options: WriterOptions, ports: list[ServicePortInfo]) -> _Host:
+def host_facts(cluster: Cluster, options: WriterOptions, ports: list[ServicePortInfo]) -> HostFacts:
     config = cluster.config
-    node_ips = _node_ips(cluster)
+    node_ips = local_node_ips(cluster)
     nodeport_cidrs = [parse_cidr(text, _CONFIG, "nodePortAddresses") for text in config.node_port_addresses]
     # kube-proxy turns localhost NodePorts off when nodePortAddresses leaves out 127.0.0.1.
-    localhost = config.localhost_nodeports and (not nodeport_cidrs or _in_any(LOOPBACK_IP, nodeport_cidrs))
+    localhost = config.localhost_nodeports and (not nodeport_cidrs or in_any_cidr(LOOPBACK_IP, nodeport_cidrs))
     total_endpoints = sum(len(info.endpoints) for info in ports)
-    return _Host(
-        mark=_mark(config, options),
+    return HostFacts(
+        mark=mark_text(config, options),
         masquerade_all=config.masquerade_all,
-        local_cidr=_cidr(config.cluster_cidr, _CONFIG, "clusterCIDR") if config.cluster_cidr else "",
+        local_cidr=canonical_cidr(config.cluster_cidr, _CONFIG, "clusterCIDR") if config.cluster_cidr else "",
         nfacct=config.nfacct,
         random_fully=config.random_fully,
         drop_invalid=not config.tcp_be_liberal,
@@ -174,7 +174,7 @@ def _host(cluster: Cluster, options: WriterOptions, ports: list[ServicePortInfo]
     )
 
 
-def _mark(config: ProxyConfig, options: WriterOptions) -> str:
+def mark_text(config: ProxyConfig, options: WriterOptions) -> str:
     if options.mark_format not in MARK_FORMATS:
         raise InputError(f"unknown mark format {options.mark_format!r} (expected kernel or test)",
                          "WriterOptions", "mark_format")
@@ -185,11 +185,11 @@ def _mark(config: ProxyConfig, options: WriterOptions) -> str:
     return "%#08x" % mark if options.mark_format == "kernel" else hex(mark)
 
 
-def _node_ips(cluster: Cluster) -> list[str]:
+def local_node_ips(cluster: Cluster) -> list[str]:
     """This node's addresses: --node-ip, else the addresses of the Node object kube-proxy runs on."""
     ips = cluster.config.node_ips or next(
         (node.ips for node in cluster.nodes if node.name == cluster.node_name), [])
-    return [_ipv4(ip, _CONFIG, "nodeIPs") for ip in ips]
+    return [canonical_ipv4(ip, _CONFIG, "nodeIPs") for ip in ips]
 
 
 def _nodeport_ips(node_ips: list[str], cidrs: list[tuple[int, int]], localhost: bool) -> tuple[str, ...]:
@@ -200,26 +200,26 @@ def _nodeport_ips(node_ips: list[str], cidrs: list[tuple[int, int]], localhost: 
     """
     candidates = dict.fromkeys([LOOPBACK_IP, *node_ips])
     # kube-proxy skips a selected loopback address when localhost NodePorts are off.
-    return tuple(ip for ip in candidates if _in_any(ip, cidrs) and (localhost or not _is_loopback(ip)))
+    return tuple(ip for ip in candidates if in_any_cidr(ip, cidrs) and (localhost or not is_loopback(ip)))
 
 
-def _in_any(ip: str, cidrs: list[tuple[int, int]]) -> bool:
+def in_any_cidr(ip: str, cidrs: list[tuple[int, int]]) -> bool:
     value = ip_to_int(ip)
     return any(value & mask == net for net, mask in cidrs)
 
 
-def _is_loopback(ip: str) -> bool:
+def is_loopback(ip: str) -> bool:
     return ip_to_int(ip) >> 24 == 127
 
 
-def _ipv4(text: str, where: str, field_name: str) -> str:
+def canonical_ipv4(text: str, where: str, field_name: str) -> str:
     """Check an address is IPv4 and written the way iptables-save prints it."""
     if not isinstance(text, str) or int_to_ip(ip_to_int(text, where, field_name)) != text:
         raise InputError(f"not a canonical IPv4 address: {text!r}", where, field_name)
     return text
 
 
-def _cidr(text: str, where: str, field_name: str) -> str:
+def canonical_cidr(text: str, where: str, field_name: str) -> str:
     """A CIDR in the masked form kube-proxy prints (Go's IPNet.String())."""
     net, mask = parse_cidr(text, where, field_name)
     return f"{int_to_ip(net)}/{mask.bit_count()}"
@@ -228,7 +228,7 @@ def _cidr(text: str, where: str, field_name: str) -> str:
 # --- one service port, as syncProxyRules categorises it --------------------------------------
 
 @dataclass(frozen=True)
-class _Port:
+class PortPlan:
     """One service port with every decision syncProxyRules makes about it."""
 
     key: str  # the Service's namespace/name: partial syncs decide per Service
@@ -291,25 +291,25 @@ class _Port:
         return self.fw_chain if self.uses_firewall_chain else self.ext_chain
 
 
-def _port(info: ServicePortInfo, host: _Host) -> _Port:
+def plan_port(info: ServicePortInfo, host: HostFacts) -> PortPlan:
     svc = info.service
     where = f"Service {svc.key}"
     proto = parse_protocol(info.port.protocol, where, "spec.ports[].protocol")
-    external_ips = [_ipv4(ip, where, "spec.externalIPs") for ip in svc.external_ips]
-    lb_ips = [_ipv4(ip, where, "status.loadBalancer.ingress[].ip") for ip in svc.load_balancer_ips]
-    source_ranges = [_cidr(c, where, "spec.loadBalancerSourceRanges") for c in svc.load_balancer_source_ranges]
+    external_ips = [canonical_ipv4(ip, where, "spec.externalIPs") for ip in svc.external_ips]
+    lb_ips = [canonical_ipv4(ip, where, "status.loadBalancer.ingress[].ip") for ip in svc.load_balancer_ips]
+    source_ranges = [canonical_cidr(c, where, "spec.loadBalancerSourceRanges") for c in svc.load_balancer_source_ranges]
     node_port = parse_port(info.port.node_port, where, "spec.ports[].nodePort", allow_zero=True)
     external_local = svc.external_policy_local
-    cluster_eps, local_eps = _policy_endpoints(info, bool(node_port or external_ips or lb_ips))
+    cluster_eps, local_eps = policy_endpoints(info, bool(node_port or external_ips or lb_ips))
     has_endpoints = info.has_endpoints
-    return _Port(
+    return PortPlan(
         key=svc.key, spn=info.spn, proto=proto,
         port=parse_port(info.port.port, where, "spec.ports[].port"),
-        cluster_ip=_ipv4(svc.cluster_ip, where, "spec.clusterIP"),
+        cluster_ip=canonical_ipv4(svc.cluster_ip, where, "spec.clusterIP"),
         external_ips=external_ips, lb_ips=lb_ips, source_ranges=source_ranges,
         node_port=node_port,
-        health_check_node_port=_health_check_node_port(svc, where),
-        affinity_timeout=_affinity_timeout(svc, where),
+        health_check_node_port=valid_health_check_node_port(svc, where),
+        affinity_timeout=valid_affinity_timeout(svc, where),
         chain_hash=port_proto_hash(info.spn, proto),
         cluster_endpoints=cluster_eps, local_endpoints=local_eps,
         reachable_endpoints=_reachable(cluster_eps, local_eps),
@@ -317,11 +317,11 @@ def _port(info: ServicePortInfo, host: _Host) -> _Port:
         has_internal_endpoints=has_endpoints and (not svc.internal_policy_local or bool(local_eps)),
         has_external_endpoints=has_endpoints and (not external_local or bool(local_eps)),
         internal_local=svc.internal_policy_local, external_local=external_local,
-        allow_from_node=bool(host.node_ip) and _in_any(host.node_ip, [parse_cidr(c) for c in source_ranges]),
+        allow_from_node=bool(host.node_ip) and in_any_cidr(host.node_ip, [parse_cidr(c) for c in source_ranges]),
     )
 
 
-def _policy_endpoints(info: ServicePortInfo, accessible: bool) -> tuple[list[EndpointInfo], list[EndpointInfo]]:
+def policy_endpoints(info: ServicePortInfo, accessible: bool) -> tuple[list[EndpointInfo], list[EndpointInfo]]:
     """The endpoints of the Cluster and the Local policy, each [] when no traffic uses it.
 
     UsesClusterEndpoints: external traffic under the Local policy still needs the Cluster
@@ -334,14 +334,14 @@ def _policy_endpoints(info: ServicePortInfo, accessible: bool) -> tuple[list[End
             info.local_endpoints if uses_local else [])
 
 
-def _health_check_node_port(svc: Service, where: str) -> int:
+def valid_health_check_node_port(svc: Service, where: str) -> int:
     # kube-proxy only serves one for LoadBalancer services with externalTrafficPolicy=Local.
     if svc.type != LOAD_BALANCER or not svc.external_policy_local:
         return 0
     return parse_port(svc.health_check_node_port, where, "spec.healthCheckNodePort", allow_zero=True)
 
 
-def _affinity_timeout(svc: Service, where: str) -> int:
+def valid_affinity_timeout(svc: Service, where: str) -> int:
     timeout = svc.affinity_timeout
     if not isinstance(timeout, int) or not 0 <= timeout <= 86400:
         raise InputError(f"ClientIP affinity timeout must be 0..86400 seconds, not {timeout!r}",
@@ -359,18 +359,18 @@ def _reachable(cluster_eps: list[EndpointInfo], local_eps: list[EndpointInfo]) -
     return [union[address] for address in sorted(union)]
 
 
-def _check_slices(cluster: Cluster) -> None:
+def check_slices(cluster: Cluster) -> None:
     for eps in cluster.slices:
         where = f"EndpointSlice {eps.namespace}/{eps.name}"
         for port in eps.ports:
             parse_port(port.port, where, "ports[].port")
         for endpoint in eps.endpoints:
-            _ipv4(endpoint.ip, where, "endpoints[].addresses")
+            canonical_ipv4(endpoint.ip, where, "endpoints[].addresses")
 
 
 # --- rule text -------------------------------------------------------------------------------
 
-def _rule(chain: str, *parts: str | tuple[str, ...]) -> str:
+def rule_line(chain: str, *parts: str | tuple[str, ...]) -> str:
     """One ``-A`` line; ``parts`` are words or tuples of words (an empty tuple adds nothing)."""
     words = ["-A", chain]
     for part in parts:
@@ -381,29 +381,29 @@ def _rule(chain: str, *parts: str | tuple[str, ...]) -> str:
     return " ".join(words)
 
 
-def _comment(text: str) -> tuple[str, ...]:
+def comment_args(text: str) -> tuple[str, ...]:
     # kube-proxy writes literal double quotes around the comments that contain spaces.
     return ("-m", "comment", "--comment", f'"{text}"' if " " in text else text)
 
 
-def _chain_line(name: str) -> str:
+def chain_line(name: str) -> str:
     return f":{name} - [0:0]"
 
 
-def _destination(port: _Port, ip: str) -> tuple[str, ...]:
+def _destination(port: PortPlan, ip: str) -> tuple[str, ...]:
     return ("-m", port.proto, "-p", port.proto, "-d", ip, "--dport", str(port.port))
 
 
-def _endpoint_comment(host: _Host, text: str) -> tuple[str, ...]:
+def _endpoint_comment(host: HostFacts, text: str) -> tuple[str, ...]:
     # Large clusters leave these comments out: they are up to 40% of the payload.
-    return () if host.large_cluster else _comment(text)
+    return () if host.large_cluster else comment_args(text)
 
 
-def _filter_verdict(port: _Port) -> tuple[str, tuple[str, ...]]:
+def _filter_verdict(port: PortPlan) -> tuple[str, tuple[str, ...]]:
     """Target and comment for traffic the nat table does not take: no endpoints, or no local ones."""
     if not port.has_endpoints:
-        return "REJECT", _comment(f"{port.spn} has no endpoints")
-    return "DROP", _comment(f"{port.spn} has no local endpoints")
+        return "REJECT", comment_args(f"{port.spn} has no endpoints")
+    return "DROP", comment_args(f"{port.spn} has no local endpoints")
 
 
 # --- the sync --------------------------------------------------------------------------------
@@ -422,21 +422,21 @@ class _Buffers:
 def _sync(cluster: Cluster, infos: list[ServicePortInfo], options: WriterOptions,
           changed: set[str] | None, existing_nat_chains: set[str]) -> _Buffers:
     """syncProxyRules: ``changed`` None writes every service's chains (a full sync)."""
-    _check_slices(cluster)
-    host = _host(cluster, options, infos)
-    buf = _Buffers(filter_chains=[_chain_line(c) for c in FILTER_TOP_CHAINS],
-                   nat_chains=[_chain_line(c) for c in NAT_TOP_CHAINS])
+    check_slices(cluster)
+    host = host_facts(cluster, options, infos)
+    buf = _Buffers(filter_chains=[chain_line(c) for c in FILTER_TOP_CHAINS],
+                   nat_chains=[chain_line(c) for c in NAT_TOP_CHAINS])
     _write_masquerade_chains(buf, host)
     if host.localhost_nodeports:
         _write_localnet_firewall(buf)
-    for info in _ordered(infos, options.service_order_seed):
-        port = _port(info, host)
+    for info in ordered_ports(infos, options.service_order_seed):
+        port = plan_port(info, host)
         _write_captures(buf, host, port)
         chains, rules = _service_chains(host, port)
         buf.active_nat_chains.update(chains)
         # A partial sync leaves unchanged services' chains as the kernel has them.
         if changed is None or port.key in changed:
-            buf.nat_chains += [_chain_line(c) for c in chains]
+            buf.nat_chains += [chain_line(c) for c in chains]
             buf.nat_rules += rules
     _write_stale_chain_deletions(buf, existing_nat_chains)
     _write_nodeports_jump(buf, host)
@@ -444,7 +444,7 @@ def _sync(cluster: Cluster, infos: list[ServicePortInfo], options: WriterOptions
     return buf
 
 
-def _ordered(infos: list[ServicePortInfo], seed: int | None) -> list[ServicePortInfo]:
+def ordered_ports(infos: list[ServicePortInfo], seed: int | None) -> list[ServicePortInfo]:
     if seed is None:
         return infos
     shuffled = list(infos)
@@ -452,32 +452,32 @@ def _ordered(infos: list[ServicePortInfo], seed: int | None) -> list[ServicePort
     return shuffled
 
 
-def _write_masquerade_chains(buf: _Buffers, host: _Host) -> None:
+def _write_masquerade_chains(buf: _Buffers, host: HostFacts) -> None:
     buf.nat_rules += masquerade_rules(host.mark, host.random_fully)
 
 
 def masquerade_rules(mark: str, random_fully: bool) -> list[str]:
     """KUBE-POSTROUTING's and KUBE-MARK-MASQ's rules, the same in iptables and IPVS mode."""
     return [
-        _rule(KUBE_POSTROUTING, "-m", "mark", "!", "--mark", f"{mark}/{mark}", "-j", "RETURN"),
+        rule_line(KUBE_POSTROUTING, "-m", "mark", "!", "--mark", f"{mark}/{mark}", "-j", "RETURN"),
         # Clear the mark so a packet that re-traverses the stack is not masqueraded twice.
-        _rule(KUBE_POSTROUTING, "-j", "MARK", "--xor-mark", mark),
-        _rule(KUBE_POSTROUTING, _comment("kubernetes service traffic requiring SNAT"),
+        rule_line(KUBE_POSTROUTING, "-j", "MARK", "--xor-mark", mark),
+        rule_line(KUBE_POSTROUTING, comment_args("kubernetes service traffic requiring SNAT"),
               "-j", "MASQUERADE", ("--random-fully",) if random_fully else ()),
-        _rule(KUBE_MARK_MASQ, "-j", "MARK", "--or-mark", mark),
+        rule_line(KUBE_MARK_MASQ, "-j", "MARK", "--or-mark", mark),
     ]
 
 
 def _write_localnet_firewall(buf: _Buffers) -> None:
     # route_localnet (needed for localhost NodePorts) opens a hole this rule closes (issue 90259).
-    buf.filter_chains.append(_chain_line(KUBE_FIREWALL))
-    buf.filter_rules.append(_rule(
-        KUBE_FIREWALL, _comment("block incoming localnet connections"),
+    buf.filter_chains.append(chain_line(KUBE_FIREWALL))
+    buf.filter_rules.append(rule_line(
+        KUBE_FIREWALL, comment_args("block incoming localnet connections"),
         "-d", LOOPBACK_CIDR, "!", "-s", LOOPBACK_CIDR,
         "-m", "conntrack", "!", "--ctstate", "RELATED,ESTABLISHED,DNAT", "-j", "DROP"))
 
 
-def _write_captures(buf: _Buffers, host: _Host, port: _Port) -> None:
+def _write_captures(buf: _Buffers, host: HostFacts, port: PortPlan) -> None:
     """The service's rules in the top-level chains, which every sync rewrites."""
     _capture_cluster_ip(buf, port)
     _capture_external_ips(buf, port)
@@ -485,68 +485,68 @@ def _write_captures(buf: _Buffers, host: _Host, port: _Port) -> None:
     if port.node_port:
         _capture_node_port(buf, host, port)
     if port.health_check_node_port:
-        buf.filter_rules.append(_rule(
-            KUBE_NODEPORTS, _comment(f"{port.spn} health check node port"),
+        buf.filter_rules.append(rule_line(
+            KUBE_NODEPORTS, comment_args(f"{port.spn} health check node port"),
             "-m", "tcp", "-p", "tcp", "--dport", str(port.health_check_node_port), "-j", "ACCEPT"))
 
 
-def _capture_cluster_ip(buf: _Buffers, port: _Port) -> None:
+def _capture_cluster_ip(buf: _Buffers, port: PortPlan) -> None:
     destination = _destination(port, port.cluster_ip)
     if port.has_internal_endpoints:
-        buf.nat_rules.append(_rule(KUBE_SERVICES, _comment(f"{port.spn} cluster IP"), destination,
+        buf.nat_rules.append(rule_line(KUBE_SERVICES, comment_args(f"{port.spn} cluster IP"), destination,
                                    "-j", port.internal_chain))
     else:
         target, comment = _filter_verdict(port)
-        buf.filter_rules.append(_rule(KUBE_SERVICES, comment, destination, "-j", target))
+        buf.filter_rules.append(rule_line(KUBE_SERVICES, comment, destination, "-j", target))
 
 
-def _capture_external_ips(buf: _Buffers, port: _Port) -> None:
+def _capture_external_ips(buf: _Buffers, port: PortPlan) -> None:
     for ip in port.external_ips:
         if port.has_endpoints:
-            buf.nat_rules.append(_rule(KUBE_SERVICES, _comment(f"{port.spn} external IP"),
+            buf.nat_rules.append(rule_line(KUBE_SERVICES, comment_args(f"{port.spn} external IP"),
                                        _destination(port, ip), "-j", port.ext_chain))
         if not port.has_external_endpoints:
             _write_external_filter(buf, port, _destination(port, ip))
 
 
-def _capture_load_balancer_ips(buf: _Buffers, port: _Port) -> None:
+def _capture_load_balancer_ips(buf: _Buffers, port: PortPlan) -> None:
     for ip in port.lb_ips:
         if port.has_endpoints:
-            buf.nat_rules.append(_rule(KUBE_SERVICES, _comment(f"{port.spn} loadbalancer IP"),
+            buf.nat_rules.append(rule_line(KUBE_SERVICES, comment_args(f"{port.spn} loadbalancer IP"),
                                        _destination(port, ip), "-j", port.load_balancer_chain))
         if port.uses_firewall_chain:
             # Matches after DNAT, so only what KUBE-FW let through unchanged gets here.
-            buf.filter_rules.append(_rule(
-                KUBE_PROXY_FIREWALL, _comment(f"{port.spn} traffic not accepted by {port.fw_chain}"),
+            buf.filter_rules.append(rule_line(
+                KUBE_PROXY_FIREWALL, comment_args(f"{port.spn} traffic not accepted by {port.fw_chain}"),
                 _destination(port, ip), "-j", "DROP"))
     if not port.has_external_endpoints:
         for ip in port.lb_ips:
             _write_external_filter(buf, port, _destination(port, ip))
 
 
-def _capture_node_port(buf: _Buffers, host: _Host, port: _Port) -> None:
+def _capture_node_port(buf: _Buffers, host: HostFacts, port: PortPlan) -> None:
     protocol = ("-m", port.proto, "-p", port.proto)
     node_port = str(port.node_port)
     if port.has_endpoints:
         if host.localhost_nodeports and host.nfacct:
             # Same jump, counted: kube-proxy's metric of NodePort packets accepted on localhost.
-            buf.nat_rules.append(_rule(
-                KUBE_NODEPORTS, _comment(port.spn), protocol, "-d", LOOPBACK_CIDR, "--dport", node_port,
+            buf.nat_rules.append(rule_line(
+                KUBE_NODEPORTS, comment_args(port.spn), protocol, "-d", LOOPBACK_CIDR, "--dport", node_port,
                 "-m", "nfacct", "--nfacct-name", NFACCT_LOCALHOST_NODEPORTS, "-j", port.ext_chain))
-        buf.nat_rules.append(_rule(KUBE_NODEPORTS, _comment(port.spn), protocol, "--dport", node_port,
+        buf.nat_rules.append(rule_line(KUBE_NODEPORTS, comment_args(port.spn), protocol, "--dport", node_port,
                                    "-j", port.ext_chain))
     if not port.has_external_endpoints:
         _write_external_filter(buf, port, ("-m", "addrtype", "--dst-type", "LOCAL", *protocol,
                                            "--dport", node_port))
 
 
-def _write_external_filter(buf: _Buffers, port: _Port, match: tuple[str, ...]) -> None:
+def _write_external_filter(buf: _Buffers, port: PortPlan, match: tuple[str, ...]) -> None:
     # REJECT without endpoints; DROP what the EXT chain's short-circuit rules did not take.
     target, comment = _filter_verdict(port)
-    buf.filter_rules.append(_rule(KUBE_EXTERNAL_SERVICES, comment, match, "-j", target))
+    buf.filter_rules.append(rule_line(KUBE_EXTERNAL_SERVICES, comment, match, "-j", target))
 
 
-def _service_chains(host: _Host, port: _Port) -> tuple[list[str], list[str]]:
+def _service_chains(host: HostFacts, port: PortPlan) -> tuple[list[str], list[str]]:
     """The service's own nat chains (EXT, FW, SVC, SVL, SEP…) and their rules, in write order."""
     chains: list[str] = []
     rules = _internal_masquerade(host, port) if port.has_internal_endpoints else []
@@ -567,57 +567,57 @@ def _service_chains(host: _Host, port: _Port) -> tuple[list[str], list[str]]:
     return chains, rules
 
 
-def _internal_masquerade(host: _Host, port: _Port) -> list[str]:
+def _internal_masquerade(host: HostFacts, port: PortPlan) -> list[str]:
     # Masquerade off-cluster traffic to the cluster IP: its reply may come back via another node.
-    match = (*_comment(f"{port.spn} cluster IP"), *_destination(port, port.cluster_ip))
+    match = (*comment_args(f"{port.spn} cluster IP"), *_destination(port, port.cluster_ip))
     if host.masquerade_all:
-        return [_rule(port.internal_chain, match, "-j", KUBE_MARK_MASQ)]
+        return [rule_line(port.internal_chain, match, "-j", KUBE_MARK_MASQ)]
     if host.local_cidr:
-        return [_rule(port.internal_chain, match, "!", "-s", host.local_cidr, "-j", KUBE_MARK_MASQ)]
+        return [rule_line(port.internal_chain, match, "!", "-s", host.local_cidr, "-j", KUBE_MARK_MASQ)]
     return []
 
 
-def _external_rules(host: _Host, port: _Port) -> list[str]:
+def _external_rules(host: HostFacts, port: PortPlan) -> list[str]:
     ext, spn = port.ext_chain, port.spn
     if not port.external_local:
         # Cluster policy may cross nodes, so the reply must come back through this one.
-        rules = [_rule(ext, _comment(f"masquerade traffic for {spn} external destinations"),
+        rules = [rule_line(ext, comment_args(f"masquerade traffic for {spn} external destinations"),
                        "-j", KUBE_MARK_MASQ)]
     else:
         # Local policy keeps the client's source IP, except for pod and host traffic, which
         # behaves as if it went out to the load balancer and came back.
         rules = []
         if host.local_cidr:
-            rules.append(_rule(ext, _comment(f"pod traffic for {spn} external destinations"),
+            rules.append(rule_line(ext, comment_args(f"pod traffic for {spn} external destinations"),
                                "-s", host.local_cidr, "-j", port.svc_chain))
         rules += [
-            _rule(ext, _comment(f"masquerade LOCAL traffic for {spn} external destinations"),
+            rule_line(ext, comment_args(f"masquerade LOCAL traffic for {spn} external destinations"),
                   "-m", "addrtype", "--src-type", "LOCAL", "-j", KUBE_MARK_MASQ),
-            _rule(ext, _comment(f"route LOCAL traffic for {spn} external destinations"),
+            rule_line(ext, comment_args(f"route LOCAL traffic for {spn} external destinations"),
                   "-m", "addrtype", "--src-type", "LOCAL", "-j", port.svc_chain),
         ]
     if port.has_external_endpoints:
-        rules.append(_rule(ext, "-j", port.external_policy_chain))
+        rules.append(rule_line(ext, "-j", port.external_policy_chain))
     return rules
 
 
-def _firewall_rules(port: _Port) -> list[str]:
-    fw, comment = port.fw_chain, _comment(f"{port.spn} loadbalancer IP")
-    rules = [_rule(fw, comment, "-s", cidr, "-j", port.ext_chain) for cidr in port.source_ranges]
+def _firewall_rules(port: PortPlan) -> list[str]:
+    fw, comment = port.fw_chain, comment_args(f"{port.spn} loadbalancer IP")
+    rules = [rule_line(fw, comment, "-s", cidr, "-j", port.ext_chain) for cidr in port.source_ranges]
     if port.allow_from_node:
         # A node reaching its own VIP-style LB IP loops back with the LB IP as source.
-        rules += [_rule(fw, comment, "-s", ip, "-j", port.ext_chain) for ip in port.lb_ips]
+        rules += [rule_line(fw, comment, "-s", ip, "-j", port.ext_chain) for ip in port.lb_ips]
     # No target: what falls through is not DNATed, so KUBE-PROXY-FIREWALL drops it.
-    rules.append(_rule(fw, _comment(f"other traffic to {port.spn} will be dropped by KUBE-PROXY-FIREWALL")))
+    rules.append(rule_line(fw, comment_args(f"other traffic to {port.spn} will be dropped by KUBE-PROXY-FIREWALL")))
     return rules
 
 
-def _balancing_rules(host: _Host, port: _Port, chain: str, endpoints: list[EndpointInfo],
+def _balancing_rules(host: HostFacts, port: PortPlan, chain: str, endpoints: list[EndpointInfo],
                      sep: dict[str, str]) -> list[str]:
     rules = []
     if port.affinity_timeout:
         # Sticky clients go back to the endpoint they had before any random choice is made.
-        rules += [_rule(chain, _endpoint_comment(host, f"{port.spn} -> {ep.address}"),
+        rules += [rule_line(chain, _endpoint_comment(host, f"{port.spn} -> {ep.address}"),
                         "-m", "recent", "--name", sep[ep.address], "--rcheck",
                         "--seconds", str(port.affinity_timeout), "--reap", "-j", sep[ep.address])
                   for ep in endpoints]
@@ -626,18 +626,18 @@ def _balancing_rules(host: _Host, port: _Port, chain: str, endpoints: list[Endpo
         # 1/(n-i) of what is left gives every endpoint 1/n; the last one takes the rest.
         statistic = (("-m", "statistic", "--mode", "random", "--probability", compute_probability(count - i))
                      if i < count - 1 else ())
-        rules.append(_rule(chain, _endpoint_comment(host, f"{port.spn} -> {ep.address}"), statistic,
+        rules.append(rule_line(chain, _endpoint_comment(host, f"{port.spn} -> {ep.address}"), statistic,
                            "-j", sep[ep.address]))
     return rules
 
 
-def _endpoint_rules(host: _Host, port: _Port, chain: str, ep: EndpointInfo) -> list[str]:
+def _endpoint_rules(host: HostFacts, port: PortPlan, chain: str, ep: EndpointInfo) -> list[str]:
     comment = _endpoint_comment(host, port.spn)
     affinity = ("-m", "recent", "--name", chain, "--set") if port.affinity_timeout else ()
     return [
         # Hairpin: an endpoint reaching itself through the service must be masqueraded.
-        _rule(chain, comment, "-s", ep.ip, "-j", KUBE_MARK_MASQ),
-        _rule(chain, comment, affinity, "-m", port.proto, "-p", port.proto,
+        rule_line(chain, comment, "-s", ep.ip, "-j", KUBE_MARK_MASQ),
+        rule_line(chain, comment, affinity, "-m", port.proto, "-p", port.proto,
               "-j", "DNAT", "--to-destination", ep.address),
     ]
 
@@ -646,29 +646,29 @@ def _write_stale_chain_deletions(buf: _Buffers, existing_nat_chains: set[str]) -
     # A chain line flushes the chain, which must be empty before -X may delete it.
     for chain in sorted(existing_nat_chains - buf.active_nat_chains):
         if is_service_chain(chain):
-            buf.nat_chains.append(_chain_line(chain))
+            buf.nat_chains.append(chain_line(chain))
             buf.nat_rules.append(f"-X {chain}")
 
 
-def _write_nodeports_jump(buf: _Buffers, host: _Host) -> None:
+def _write_nodeports_jump(buf: _Buffers, host: HostFacts) -> None:
     # Last in KUBE-SERVICES: NodePorts must not shadow any service IP rule.
-    comment = _comment("kubernetes service nodeports; NOTE: this must be the last rule in this chain")
+    comment = comment_args("kubernetes service nodeports; NOTE: this must be the last rule in this chain")
     if host.nodeport_ips is None:
         loopback = () if host.localhost_nodeports else ("!", "-d", LOOPBACK_CIDR)
-        buf.nat_rules.append(_rule(KUBE_SERVICES, comment, "-m", "addrtype", "--dst-type", "LOCAL",
+        buf.nat_rules.append(rule_line(KUBE_SERVICES, comment, "-m", "addrtype", "--dst-type", "LOCAL",
                                    loopback, "-j", KUBE_NODEPORTS))
     else:
-        buf.nat_rules += [_rule(KUBE_SERVICES, comment, "-d", ip, "-j", KUBE_NODEPORTS)
+        buf.nat_rules += [rule_line(KUBE_SERVICES, comment, "-d", ip, "-j", KUBE_NODEPORTS)
                           for ip in host.nodeport_ips]
 
 
-def _write_forward_chain(buf: _Buffers, host: _Host) -> None:
+def _write_forward_chain(buf: _Buffers, host: HostFacts) -> None:
     mark = host.mark
     if host.drop_invalid:
         # INVALID packets would otherwise reset connections (issue 74839), unless the kernel
         # is liberal about TCP windows.
         nfacct = ("-m", "nfacct", "--nfacct-name", NFACCT_INVALID_DROPPED) if host.nfacct else ()
-        buf.filter_rules.append(_rule(KUBE_FORWARD, "-m", "conntrack", "--ctstate", "INVALID", nfacct,
+        buf.filter_rules.append(rule_line(KUBE_FORWARD, "-m", "conntrack", "--ctstate", "INVALID", nfacct,
                                       "-j", "DROP"))
     buf.filter_rules += forward_accept_rules(mark)
 
@@ -677,9 +677,9 @@ def forward_accept_rules(mark: str) -> list[str]:
     """KUBE-FORWARD's ACCEPT rules, the same in iptables and IPVS mode."""
     return [
         # Forward marked traffic even where the FORWARD policy is DROP.
-        _rule(KUBE_FORWARD, _comment("kubernetes forwarding rules"),
+        rule_line(KUBE_FORWARD, comment_args("kubernetes forwarding rules"),
               "-m", "mark", "--mark", f"{mark}/{mark}", "-j", "ACCEPT"),
-        _rule(KUBE_FORWARD, _comment("kubernetes forwarding conntrack rule"),
+        rule_line(KUBE_FORWARD, comment_args("kubernetes forwarding conntrack rule"),
               "-m", "conntrack", "--ctstate", "RELATED,ESTABLISHED", "-j", "ACCEPT"),
     ]
 
@@ -702,12 +702,12 @@ def write_partial(previous: Cluster, current: Cluster, options: WriterOptions = 
     """
     before, after = service_ports(previous), service_ports(current)
     loaded = _sync(previous, before, options, changed=None, existing_nat_chains=set())
-    buf = _sync(current, after, options, changed=_changed_services(before, after),
+    buf = _sync(current, after, options, changed=changed_services(before, after),
                 existing_nat_chains=loaded.active_nat_chains)
     return _render(buf, jump_rules=False)
 
 
-def _changed_services(before: list[ServicePortInfo], after: list[ServicePortInfo]) -> set[str]:
+def changed_services(before: list[ServicePortInfo], after: list[ServicePortInfo]) -> set[str]:
     """Services whose Service object or resolved endpoints differ, or that came or went."""
     old, new = _service_states(before), _service_states(after)
     return {key for key in old.keys() | new.keys() if old.get(key) != new.get(key)}
@@ -734,8 +734,8 @@ def _render(buf: _Buffers, jump_rules: bool) -> str:
 def _builtin_chain_lines(table: str, chains: list[str]) -> list[str]:
     lines = [f":{name} ACCEPT [0:0]" for name in _BUILTIN_CHAINS[table]]
     # kube-proxy ensures KUBE-FIREWALL exists even when it writes no rule into it.
-    if table == "filter" and _chain_line(KUBE_FIREWALL) not in chains:
-        lines.append(_chain_line(KUBE_FIREWALL))
+    if table == "filter" and chain_line(KUBE_FIREWALL) not in chains:
+        lines.append(chain_line(KUBE_FIREWALL))
     return lines
 
 
@@ -748,10 +748,10 @@ def _jump_rules(table: str) -> list[str]:
     rules = []
     for builtin in _BUILTIN_CHAINS[table]:
         ours = [jump for jump in _JUMP_CHAINS if jump[:2] == (table, builtin)]
-        rules += [_rule(builtin, match, _comment(comment), "-j", target)
+        rules += [rule_line(builtin, match, comment_args(comment), "-j", target)
                   for _, _, target, match, comment in reversed(ours)]
         if (table, builtin) in _KUBELET_JUMPS:
-            rules.append(_rule(builtin, "-j", KUBE_FIREWALL))
+            rules.append(rule_line(builtin, "-j", KUBE_FIREWALL))
     return rules
 
 

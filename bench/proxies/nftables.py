@@ -39,8 +39,8 @@ from bench.errors import InputError
 from bench.loaders.nftables import STANDARD_PRIORITIES
 from bench.netaddr import PROTOCOLS, ip_to_int
 # kube-proxy's nftables proxier decides everything per service port as its iptables proxier does.
-from bench.proxies.iptables import (_changed_services, _check_slices, _cidr, _hash16, _host, _Host,
-                                    _ordered, _port, _Port)
+from bench.proxies.iptables import (HostFacts, PortPlan, canonical_cidr, changed_services, check_slices,
+                                    hash16, host_facts, ordered_ports, plan_port)
 
 FAMILY = "ip"
 TABLE = "kube-proxy"
@@ -145,7 +145,7 @@ class WriterOptions:
 def hash_and_truncate(name: str) -> str:
     """kube-proxy's hashAndTruncate: ``base32(sha256(name))[:8] + "-" + name``, cut to 240
     characters ending in "..." so that every prefixed chain name fits."""
-    hashed = f"{_hash16(name)[:8]}-{name}"
+    hashed = f"{hash16(name)[:8]}-{name}"
     if len(hashed) > CHAIN_NAME_BASE_MAX:
         return hashed[:CHAIN_NAME_BASE_MAX - 3] + "..."
     return hashed
@@ -475,7 +475,7 @@ class _Sync:
     """What one sync writes and what it leaves active."""
 
     tx: _Transaction
-    host: _Host
+    host: HostFacts
     changed: frozenset[str] | None  # Services whose chains are rewritten; None: all of them
     chains: set[str] = field(default_factory=set)  # active per-service chains
     affinity_sets: set[str] = field(default_factory=set)
@@ -486,7 +486,7 @@ class _Proxier:
 
     def __init__(self, options: WriterOptions):
         self.options = options
-        self.service_cidrs = [_cidr(text, _OPTIONS, "service_cidrs") for text in options.service_cidrs]
+        self.service_cidrs = [canonical_cidr(text, _OPTIONS, "service_cidrs") for text in options.service_cidrs]
         self.elements = {name: _Elements(kind, name) for kind, name in _STORED}
         self.chains: set[str] = set()  # per-service chains in the kernel
         self.affinity_sets: set[str] = set()
@@ -494,15 +494,15 @@ class _Proxier:
     def sync(self, cluster: Cluster, infos: list[ServicePortInfo], tx: _Transaction, full: bool,
              changed: frozenset[str] | None) -> None:
         """syncProxyRules: a full sync sets the table up again and flushes the maps."""
-        _check_slices(cluster)
+        check_slices(cluster)
         _check_masquerade_bit(cluster)
-        sync = _Sync(tx, _host(cluster, self.options, infos), changed)
+        sync = _Sync(tx, host_facts(cluster, self.options, infos), changed)
         if full:
             self._setup(sync)
         else:
             for elements in self.elements.values():
                 elements.begin()
-        for info in _ordered(infos, self.options.service_order_seed):
+        for info in ordered_ports(infos, self.options.service_order_seed):
             self._service(sync, info)
         self._cleanup(sync)
 
@@ -539,7 +539,7 @@ class _Proxier:
 
     # -- one service port --
     def _service(self, sync: _Sync, info: ServicePortInfo) -> None:
-        port = _port(info, sync.host)
+        port = plan_port(info, sync.host)
         names = _Names.of(info, port.proto)
         write = sync.changed is None or port.key in sync.changed
         endpoint_bases = {ep.address: names.endpoint_base(ep) for ep in port.reachable_endpoints}
@@ -557,7 +557,7 @@ class _Proxier:
         if write:
             _write_service_rules(sync, port, names, endpoint_bases)
 
-    def _capture(self, sync: _Sync, port: _Port, names: _Names, write: bool) -> None:
+    def _capture(self, sync: _Sync, port: PortPlan, names: _Names, write: bool) -> None:
         """The service's elements in the dispatch maps, which every sync reconciles."""
         tx, elements = sync.tx, self.elements
         verdict = _filter_verdict(port)
@@ -648,7 +648,7 @@ def _write_masquerading(tx: _Transaction, mark: str) -> None:
     tx.add_rule(MASQUERADING, "masquerade fully-random")
 
 
-def _write_nodeport_ips(tx: _Transaction, host: _Host) -> None:
+def _write_nodeport_ips(tx: _Transaction, host: HostFacts) -> None:
     # "add" then "delete" removes the set whether or not it existed.
     tx.add_set("set", NODEPORT_IPS, "ipv4_addr", comment="IPs that accept NodePort traffic")
     if host.nodeport_ips is None:
@@ -661,7 +661,7 @@ def _write_nodeport_ips(tx: _Transaction, host: _Host) -> None:
             tx.add_element(NODEPORT_IPS, ip)
 
 
-def _write_no_endpoint_handling(tx: _Transaction, host: _Host) -> None:
+def _write_no_endpoint_handling(tx: _Transaction, host: HostFacts) -> None:
     tx.add_set("map", NO_ENDPOINT_SERVICES, f"{ADDRESS_KEY} : verdict",
                comment="vmap to drop or reject packets to services with no endpoints")
     tx.add_set("map", NO_ENDPOINT_NODEPORTS, f"{PORT_KEY} : verdict",
@@ -675,7 +675,7 @@ def _write_no_endpoint_handling(tx: _Transaction, host: _Host) -> None:
                 f"{_nodeport_destination(host)} meta l4proto . th dport vmap @{NO_ENDPOINT_NODEPORTS}")
 
 
-def _nodeport_destination(host: _Host) -> str:
+def _nodeport_destination(host: HostFacts) -> str:
     if host.nodeport_ips is None:
         return f"ip daddr != {LOOPBACK_CIDR}"
     return f"ip daddr @{NODEPORT_IPS}"
@@ -687,7 +687,7 @@ def _write_firewall_check(tx: _Transaction) -> None:
     tx.add_rule(FIREWALL_CHECK, f"ip daddr . meta l4proto . th dport vmap @{FIREWALL_IPS}")
 
 
-def _write_dispatch(tx: _Transaction, host: _Host) -> None:
+def _write_dispatch(tx: _Transaction, host: HostFacts) -> None:
     tx.add_set("map", SERVICE_IPS, f"{ADDRESS_KEY} : verdict",
                comment="ClusterIP, ExternalIP and LoadBalancer IP traffic")
     tx.add_set("map", SERVICE_NODEPORTS, f"{PORT_KEY} : verdict", comment="NodePort traffic")
@@ -697,7 +697,7 @@ def _write_dispatch(tx: _Transaction, host: _Host) -> None:
                 f"{local}{_nodeport_destination(host)} meta l4proto . th dport vmap @{SERVICE_NODEPORTS}")
 
 
-def _filter_verdict(port: _Port) -> str:
+def _filter_verdict(port: PortPlan) -> str:
     """What the no-endpoint maps do with traffic that has nowhere to go: reject it when the
     service has no endpoints, drop it when a Local policy finds none on this node."""
     return _REJECT_VERDICT if not port.has_endpoints else "drop"
@@ -713,7 +713,7 @@ def _listed_anonymous_set(items: list[str]) -> str:
 
 # --- a service port's own chains ---------------------------------------------------------------
 
-def _write_service_rules(sync: _Sync, port: _Port, names: _Names, endpoint_bases: dict[str, str]) -> None:
+def _write_service_rules(sync: _Sync, port: PortPlan, names: _Names, endpoint_bases: dict[str, str]) -> None:
     tx, host = sync.tx, sync.host
     internal_chain = names.local if port.internal_local else names.service
     if port.has_internal_endpoints:
@@ -733,7 +733,7 @@ def _write_service_rules(sync: _Sync, port: _Port, names: _Names, endpoint_bases
         _write_endpoint_rules(tx, port, ep, endpoint_bases[ep.address])
 
 
-def _write_internal_masquerade(tx: _Transaction, host: _Host, port: _Port, chain: str) -> None:
+def _write_internal_masquerade(tx: _Transaction, host: HostFacts, port: PortPlan, chain: str) -> None:
     # Masquerade off-cluster traffic to the cluster IP: its reply may come back via another node.
     destination = f"ip daddr {port.cluster_ip} {port.proto} dport {port.port}"
     if host.masquerade_all:
@@ -742,7 +742,7 @@ def _write_internal_masquerade(tx: _Transaction, host: _Host, port: _Port, chain
         tx.add_rule(chain, f"{destination} ip saddr != {host.local_cidr} {_MARK_MASQ}")
 
 
-def _write_external_rules(tx: _Transaction, host: _Host, port: _Port, names: _Names) -> None:
+def _write_external_rules(tx: _Transaction, host: HostFacts, port: PortPlan, names: _Names) -> None:
     chain = names.external
     if not port.external_local:
         # Cluster policy may cross nodes, so the reply must come back through this one.
@@ -759,7 +759,7 @@ def _write_external_rules(tx: _Transaction, host: _Host, port: _Port, names: _Na
         tx.add_rule(chain, f"goto {names.local if port.external_local else names.service}")
 
 
-def _write_firewall_rule(tx: _Transaction, port: _Port, names: _Names) -> None:
+def _write_firewall_rule(tx: _Transaction, port: PortPlan, names: _Names) -> None:
     sources = list(port.source_ranges)
     if port.allow_from_node:
         # A node reaching a VIP-style LB IP it holds itself comes from that IP.
@@ -768,7 +768,7 @@ def _write_firewall_rule(tx: _Transaction, port: _Port, names: _Names) -> None:
                 listed=f"ip saddr != {_listed_anonymous_set(sources)} drop")
 
 
-def _write_balancing(tx: _Transaction, port: _Port, chain: str, bases: list[str]) -> None:
+def _write_balancing(tx: _Transaction, port: PortPlan, chain: str, bases: list[str]) -> None:
     if port.affinity_timeout:
         # Sticky clients go back to their endpoint before any random choice is made.
         for base in bases:
@@ -778,7 +778,7 @@ def _write_balancing(tx: _Transaction, port: _Port, chain: str, bases: list[str]
     tx.add_rule(chain, f"{head} {{ {' , '.join(targets)} }}", listed=f"{head} {{ {', '.join(targets)} }}")
 
 
-def _write_endpoint_rules(tx: _Transaction, port: _Port, ep: EndpointInfo, base: str) -> None:
+def _write_endpoint_rules(tx: _Transaction, port: PortPlan, ep: EndpointInfo, base: str) -> None:
     chain = ENDPOINT_PREFIX + base
     # Hairpin: an endpoint reaching itself through the service must be masqueraded.
     tx.add_rule(chain, f"ip saddr {ep.ip} {_MARK_MASQ}")
@@ -811,7 +811,7 @@ def write_partial(previous: Cluster, current: Cluster, options: WriterOptions = 
     # Only the state matters here, so no service's rules need rendering.
     proxier.sync(previous, before, _Transaction(), full=True, changed=frozenset())
     tx = _Text()
-    proxier.sync(current, after, tx, full=False, changed=frozenset(_changed_services(before, after)))
+    proxier.sync(current, after, tx, full=False, changed=frozenset(changed_services(before, after)))
     return tx.text()
 
 
