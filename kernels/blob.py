@@ -149,7 +149,7 @@ class TableBuilder:
 
     @staticmethod
     def rule_size(rule: Rule) -> int:
-        size = L.ENTRY_SIZE + sum(L.BLOB_MATCH_SIZES[m.kind] for m in rule.matches)
+        size = L.ENTRY_SIZE + sum(L.MATCH_SIZES[m.kind] for m in rule.matches)
         return size + L.TARGET_SIZES[rule.target]
 
     def build(self) -> CompiledTable:
@@ -289,8 +289,8 @@ _PAYLOADS = {
     L.MATCH_PHYSDEV: "16s16s16s16sBB", L.MATCH_IPVS: "I12xI12xHB3xBB",
 }
 _MATCH_STRUCTS = {kind: struct.Struct("<HB" + ("29x" + _PAYLOADS[kind] if kind in _PAYLOADS else ""))
-                  for kind in L.BLOB_MATCH_SIZES}
-_MATCH_SIZES, _TARGET_SIZES = L.BLOB_MATCH_SIZES, L.TARGET_SIZES
+                  for kind in L.MATCH_SIZES}
+_MATCH_SIZES, _TARGET_SIZES = L.MATCH_SIZES, L.TARGET_SIZES
 _STANDARD_TARGET = struct.Struct("<HB29xi")  # xt_standard_target: header, verdict at +32
 _VERDICT = struct.Struct("<i")
 _NAT = struct.Struct("<IH")

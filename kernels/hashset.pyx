@@ -40,6 +40,10 @@ and are not charged to any operation.
 ``BitmapPort(first, last)`` is bitmap:port (ip_set_bitmap_port.c): one bit per port of the
 range; a test is one bit test (``bit_tests``); ports outside the range never match.
 
+The attributes and cdef methods are declared in kernels/hashset.pxd, so that kernels/iptables.pyx
+can test a packet's key without the GIL: ``HashSet.lookup_one`` and ``BitmapPort.contains`` are
+the single-key, counted steps that ``lookup`` runs for each key.
+
 The pure-Python twin is kernels.reference.hashset; both give identical results and counters.
 """
 import numpy as np
@@ -124,41 +128,6 @@ cdef class HashSet:
 
     Like the kernel's set, a HashSet serves one thread at a time.
     """
-
-    cdef int _policy
-    cdef uint64_t rng_state
-    cdef uint32_t hash_seed  # ipset: initval; rhash: the current bucket table's hash_rnd
-    cdef uint32_t mask
-    # element pool: key bytes, values, chain link (rhash) or free-list link
-    cdef uint8_t[:, ::1] _keys
-    cdef uint32_t[::1] _values
-    cdef int32_t[::1] _next
-    cdef int32_t free_slot
-    cdef int32_t used_slots
-    # rhash chains
-    cdef int32_t[::1] _heads
-    # ipset buckets: slot arrays of bucketsize, their used length and allocated size
-    cdef int32_t[::1] _slots
-    cdef uint8_t[::1] _pos
-    cdef uint8_t[::1] _size
-    cdef int64_t[33] nets  # elements per prefix length (hash:*,net)
-    cdef readonly int key_len
-    cdef readonly str policy
-    cdef readonly int net_offset
-    cdef readonly int cidr_offset
-    cdef readonly int data_len
-    cdef readonly int bucketsize
-    cdef readonly int htable_bits  # ipset only
-    cdef readonly uint32_t maxelem
-    cdef readonly uint32_t n_buckets
-    cdef readonly int64_t n_elements
-    cdef readonly int64_t hash_computations
-    cdef readonly int64_t bucket_entries_compared
-    cdef readonly int64_t resizes
-    cdef readonly int64_t rehash_moves
-    cdef object _key_pool  # the numpy arrays behind _keys and _values, kept to grow them
-    cdef object _value_pool
-    cdef dict _arrays  # every numpy array behind the memoryviews, for model_bytes()
 
     def __init__(self, int key_len, str policy="ipset", uint64_t seed=0,
                  uint32_t hashsize=IPSET_DEFAULT_HASHSIZE, uint32_t maxelem=IPSET_DEFAULT_MAXELEM,
@@ -246,10 +215,10 @@ cdef class HashSet:
 
     # ---- hashing and scanning --------------------------------------------------------------
 
-    cdef inline uint32_t bucket_of(self, const uint8_t *key) noexcept nogil:
+    cdef uint32_t bucket_of(self, const uint8_t *key) noexcept nogil:
         return hashing.jhash(key, self.key_len, self.hash_seed) & self.mask
 
-    cdef inline bint same_key(self, int32_t e, const uint8_t *key) noexcept nogil:
+    cdef bint same_key(self, int32_t e, const uint8_t *key) noexcept nogil:
         return memcmp(&self._keys[e, 0], key, self.key_len) == 0
 
     cdef int32_t scan_bucket(self, uint32_t b, const uint8_t *key, uint32_t *compares) noexcept nogil:
@@ -307,11 +276,16 @@ cdef class HashSet:
         cdef int32_t e
         with nogil:
             for i in range(n):
-                compares[i] = 0
-                e = self.find(&keys[i, 0], &compares[i])
-                self.bucket_entries_compared += compares[i]
+                e = self.lookup_one(&keys[i, 0], &compares[i])
                 found[i] = e >= 0
                 values[i] = self._values[e] if e >= 0 else 0
+
+    cdef int32_t lookup_one(self, const uint8_t *key, uint32_t *compares) noexcept nogil:
+        """The element holding ``key`` or -1; sets ``compares`` and adds it to the counter."""
+        compares[0] = 0
+        cdef int32_t e = self.find(key, compares)
+        self.bucket_entries_compared += compares[0]
+        return e
 
     def insert(self, const uint8_t[:, ::1] keys, const uint32_t[::1] values=None) -> int:
         """Add the keys (with their values); returns how many were new. Keys already present
@@ -579,12 +553,6 @@ cdef class HashSet:
 cdef class BitmapPort:
     """ipset bitmap:port over ``first..last``: one bit per port."""
 
-    cdef uint64_t[::1] _words
-    cdef readonly uint16_t first
-    cdef readonly uint16_t last
-    cdef readonly int64_t n_elements
-    cdef readonly int64_t bit_tests
-
     def __init__(self, uint16_t first=0, uint16_t last=65535):
         if first > last:
             raise ValueError("first must not exceed last")
@@ -592,14 +560,14 @@ cdef class BitmapPort:
         self.last = last
         self._words = np.zeros((last - first + 64) // 64, dtype=np.uint64)
 
-    cdef inline bint in_range(self, uint16_t port) noexcept nogil:
+    cdef bint in_range(self, uint16_t port) noexcept nogil:
         return self.first <= port <= self.last
 
-    cdef inline bint test(self, uint16_t port) noexcept nogil:
+    cdef bint test(self, uint16_t port) noexcept nogil:
         cdef uint32_t bit = port - self.first
         return (self._words[bit >> 6] >> (bit & 63)) & 1
 
-    cdef inline void flip(self, uint16_t port) noexcept nogil:
+    cdef void flip(self, uint16_t port) noexcept nogil:
         cdef uint32_t bit = port - self.first
         self._words[bit >> 6] ^= (<uint64_t>1) << (bit & 63)
 
@@ -632,10 +600,14 @@ cdef class BitmapPort:
             raise ValueError("found needs one slot per port")
         with nogil:
             for i in range(n):
-                found[i] = False
-                if self.in_range(ports[i]):
-                    self.bit_tests += 1
-                    found[i] = self.test(ports[i])
+                found[i] = self.contains(ports[i])
+
+    cdef bint contains(self, uint16_t port) noexcept nogil:
+        """bitmap_port_kadt's test: a port outside the range is an error, i.e. no match."""
+        if not self.in_range(port):
+            return False
+        self.bit_tests += 1
+        return self.test(port)
 
     def modelled_bytes(self) -> int:
         """struct bitmap_port (kmalloc-rounded) plus the bitmap of whole longs."""

@@ -16,7 +16,26 @@ Work counters per packet (RESULT_DTYPE, kernel-internals §6.1):
 * ``jumps``: standard-target jumps to a chain offset (gotos included, fall-throughs not);
 * ``rng_draws``: statistic matches evaluated (one get_random_u32 each);
 * ``bytes_touched``: 112 per visited entry, plus the size of every match invoked, plus the
-  target's size when the target is reached.
+  target's size when the target is reached;
+* ``set_probes``: the ``-m set`` work that is not a byte of the blob: hashes computed (a
+  hash:ip,port,net lookup hashes once per prefix length it tries) and bitmap bits tested;
+* ``set_compares``: elements compared in the probed hash buckets.
+
+The set, physdev and ipvs matches of kube-proxy's IPVS mode (kernel-internals §2.6):
+
+* ``-m set`` (set_match_v4, ip_set_test): the Table's sets (kernels.ipsets) are kernels.hashset
+  objects; the packet's key is built as the type's kadt builds it, each dimension from the
+  source or destination as the match's flags say. A port dimension is ipset's proto:port: the
+  packet's protocol and port (TCP, UDP, SCTP, UDPLITE; 0 for other protocols, ICMP's type and
+  code are not modelled); bitmap:port only tests TCP and UDP. A match with fewer dimensions
+  than its set, and any kadt error (a port outside a bitmap's range), is "not in the set";
+  the result is then XORed with the invert flag. The set's own counters advance too.
+* ``-m physdev``: the model has no bridged packets, so physdev_mt's "no bridge info" branch
+  applies: a match succeeds only if every option it uses is inverted.
+* ``-m ipvs``: the packets kpbench walks carry no IPVS connection (skb->ipvs_property is 0;
+  they have not been through IPVS). As ipvs_mt has it, ``[!] --ipvs`` alone matches exactly
+  when inverted, and any other option (--vaddr, --vport, --vproto: the loader sets
+  IPVS_PROPERTY with each) never matches, inverted or not.
 
 ``counters[rule, 0/1]`` are each entry's packets and bytes (ADD_COUNTER on every entry whose
 header and matches all succeed: jump rules, policies and tails too). Addresses are host-order
@@ -31,9 +50,15 @@ from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memcpy, memset
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
+from cpython.ref cimport PyObject
+from libc.stdint cimport uintptr_t
+
 from kernels cimport hashing
+from kernels.hashset cimport BitmapPort, HashSet
 from kernels.records cimport packet_t, result_t
+from kernels import hashset
 from kernels import layout as L
+from kernels.ipsets import table_sets
 
 # C-level copies of kernels/layout.py; test_kernels.py checks LAYOUT_CONSTANTS against it.
 cdef enum:
@@ -73,6 +98,9 @@ cdef enum:
     MATCH_RECENT = 9
     MATCH_NFACCT = 10
     MATCH_MULTIPORT = 11
+    MATCH_SET = 12
+    MATCH_PHYSDEV = 13
+    MATCH_IPVS = 14
     TARGET_STANDARD = 1
     TARGET_ERROR = 2
     TARGET_REJECT = 3
@@ -120,6 +148,20 @@ cdef enum:
     MP_SRC = 1
     MP_DST = 2
     MP_ANY = 3
+    SET_ID = 32
+    SET_DIM = 34
+    SET_FLAGS = 35
+    SET_INVERT = 0x01
+    SETTYPE_BITMAP_PORT = 0
+    SETTYPE_IP = 1
+    SETTYPE_IP_PORT = 2
+    SETTYPE_IP_PORT_IP = 3
+    SETTYPE_IP_PORT_NET = 4
+    PHYSDEV_INVERT = 96
+    PHYSDEV_BITMASK = 97
+    IPVS_INVERT = 70
+    IPVS_BITMASK = 71
+    IPVS_PROPERTY = 0x01
     T_VERDICT = 32
     T_NAT_IP = 32
     T_NAT_PORT = 36
@@ -137,6 +179,8 @@ cdef enum:
     IPPROTO_TCP = 6
     IPPROTO_UDP = 17
     IPPROTO_SCTP = 132
+    IPPROTO_UDPLITE = 136
+    SET_KEY_MAX = 12  # the widest ipset key the sets use (hash:ip,port,ip and hash:ip,port,net)
     RECENT_LIST_TOT = 100  # xt_recent's ip_list_tot default: entries per --name table
 
 LAYOUT_CONSTANTS = {
@@ -166,7 +210,14 @@ LAYOUT_CONSTANTS = {
     "RC_TABLE": RC_TABLE, "RECENT_CHECK": RECENT_CHECK, "RECENT_SET": RECENT_SET,
     "RECENT_UPDATE": RECENT_UPDATE, "RECENT_REMOVE": RECENT_REMOVE, "NFACCT_ID": NFACCT_ID,
     "MP_FLAGS": MP_FLAGS, "MP_COUNT": MP_COUNT, "MP_INVERT": MP_INVERT, "MP_PORTS": MP_PORTS,
-    "MP_SRC": MP_SRC, "MP_DST": MP_DST, "MP_ANY": MP_ANY, "T_VERDICT": T_VERDICT,
+    "MP_SRC": MP_SRC, "MP_DST": MP_DST, "MP_ANY": MP_ANY, "MATCH_SET": MATCH_SET,
+    "MATCH_PHYSDEV": MATCH_PHYSDEV, "MATCH_IPVS": MATCH_IPVS, "SET_ID": SET_ID, "SET_DIM": SET_DIM,
+    "SET_FLAGS": SET_FLAGS, "SET_INVERT": SET_INVERT, "SETTYPE_BITMAP_PORT": SETTYPE_BITMAP_PORT,
+    "SETTYPE_IP": SETTYPE_IP, "SETTYPE_IP_PORT": SETTYPE_IP_PORT,
+    "SETTYPE_IP_PORT_IP": SETTYPE_IP_PORT_IP, "SETTYPE_IP_PORT_NET": SETTYPE_IP_PORT_NET,
+    "PHYSDEV_INVERT": PHYSDEV_INVERT, "PHYSDEV_BITMASK": PHYSDEV_BITMASK,
+    "IPVS_INVERT": IPVS_INVERT, "IPVS_BITMASK": IPVS_BITMASK, "IPVS_PROPERTY": IPVS_PROPERTY,
+    "T_VERDICT": T_VERDICT,
     "T_NAT_IP": T_NAT_IP, "T_NAT_PORT": T_NAT_PORT, "T_MARK_VALUE": T_MARK_VALUE,
     "T_MARK_MASK": T_MARK_MASK, "XT_RETURN": XT_RETURN, "VERDICT_ACCEPT": VERDICT_ACCEPT,
     "VERDICT_DROP": VERDICT_DROP, "V_ACCEPT": V_ACCEPT, "V_DROP": V_DROP, "V_REJECT": V_REJECT,
@@ -194,7 +245,8 @@ def struct_layout() -> dict:
             "mark": <char *>&r.mark - rb, "entries_visited": <char *>&r.entries_visited - rb,
             "match_calls": <char *>&r.match_calls - rb, "target_calls": <char *>&r.target_calls - rb,
             "jumps": <char *>&r.jumps - rb, "rng_draws": <char *>&r.rng_draws - rb,
-            "bytes_touched": <char *>&r.bytes_touched - rb}),
+            "bytes_touched": <char *>&r.bytes_touched - rb,
+            "set_probes": <char *>&r.set_probes - rb, "set_compares": <char *>&r.set_compares - rb}),
     }
 
 
@@ -279,6 +331,65 @@ cdef inline bint multiport_match(const uint8_t *m, const packet_t *p) noexcept n
         if ((flags & MP_SRC) and p.sport == port) or ((flags & MP_DST) and p.dport == port):
             return m[MP_INVERT] == 0
     return m[MP_INVERT] != 0
+
+
+cdef inline bint physdev_match(const uint8_t *m) noexcept nogil:
+    # physdev_mt on a packet without bridge info: every option used must be inverted.
+    return (m[PHYSDEV_BITMASK] & ~m[PHYSDEV_INVERT]) == 0
+
+
+cdef inline bint ipvs_match(const uint8_t *m) noexcept nogil:
+    # ipvs_mt with skb->ipvs_property 0 (no packet here has been through IPVS): a lone --ipvs
+    # is that property XOR its invert bit; with any other option the match fails outright.
+    return m[IPVS_BITMASK] == IPVS_PROPERTY and (m[IPVS_INVERT] & IPVS_PROPERTY) != 0
+
+
+# ---- ipset keys (ip_set_get_ip4_port and the hash types' kadt, network byte order) ------------
+
+cdef inline void put_be32(uint8_t *k, uint32_t v) noexcept nogil:
+    k[0] = v >> 24
+    k[1] = v >> 16
+    k[2] = v >> 8
+    k[3] = v
+
+
+cdef inline void put_be16(uint8_t *k, uint16_t v) noexcept nogil:
+    k[0] = v >> 8
+    k[1] = v
+
+
+cdef inline bint from_source(uint8_t flags, int dim) noexcept nogil:
+    return (flags & (1 << dim)) != 0
+
+
+cdef inline uint32_t set_addr(const packet_t *p, uint8_t flags, int dim) noexcept nogil:
+    return p.src if from_source(flags, dim) else p.dst
+
+
+cdef inline uint16_t set_port(const packet_t *p, uint8_t flags, int dim) noexcept nogil:
+    # get_port: only these protocols carry ports; any other keeps the element's port 0.
+    if not (p.proto == IPPROTO_TCP or p.proto == IPPROTO_UDP or p.proto == IPPROTO_SCTP
+            or p.proto == IPPROTO_UDPLITE):
+        return 0
+    return p.sport if from_source(flags, dim) else p.dport
+
+
+cdef inline void pack_set_key(uint8_t *key, int set_type, uint8_t flags,
+                              const packet_t *p) noexcept nogil:
+    """The element a hash type's kadt builds, laid out as kernels.layout.ipset_key_* packs it."""
+    memset(key, 0, SET_KEY_MAX)
+    put_be32(key, set_addr(p, flags, 1))
+    if set_type == SETTYPE_IP_PORT:
+        put_be16(key + 4, set_port(p, flags, 2))
+        key[6] = p.proto
+    elif set_type == SETTYPE_IP_PORT_IP or set_type == SETTYPE_IP_PORT_NET:
+        put_be32(key + 4, set_addr(p, flags, 3))
+        put_be16(key + 8, set_port(p, flags, 2))
+        if set_type == SETTYPE_IP_PORT_IP:
+            key[10] = p.proto
+        else:  # a host address: cidr - 1 of a /32 (the set masks it for each prefix it holds)
+            key[10] = 31
+            key[11] = p.proto
 
 
 # ---- targets ---------------------------------------------------------------------------------
@@ -450,6 +561,12 @@ cdef class Table:
     cdef const uint32_t[::1] local_addrs
     cdef uint64_t rng_state
     cdef RecentLists recent
+    # -m set: the set objects (kept alive here), their addresses for the nogil walk, and each
+    # one's SETTYPE_* and number of dimensions
+    cdef list _sets
+    cdef uintptr_t[::1] _set_addrs
+    cdef const uint8_t[::1] _set_types
+    cdef const uint8_t[::1] _set_dims
     cdef readonly int stacksize
     cdef readonly int n_entries
     cdef readonly object hook_entry
@@ -458,7 +575,7 @@ cdef class Table:
     cdef readonly object nfacct_counters
 
     def __init__(self, blob, hook_entry, underflow, int stacksize, int n_entries, local_addrs,
-                 int n_recent=0, int n_nfacct=0, uint64_t seed=0):
+                 int n_recent=0, int n_nfacct=0, uint64_t seed=0, sets=None, set_names=()):
         blob = np.ascontiguousarray(blob, dtype=np.uint8)
         self.blob = blob
         self.hook_entry = np.array(hook_entry, dtype=np.int32).reshape(5)
@@ -475,14 +592,20 @@ cdef class Table:
         self.local_addrs = np.ascontiguousarray(local_addrs, dtype=np.uint32)
         self.recent = RecentLists(n_recent)
         self.rng_state = seed
-        check_blob(blob, self.hook_entry, self.underflow, n_entries, n_recent, n_nfacct)
+        self._sets, types = table_sets(set_names, sets, hashset)
+        self._set_addrs = np.array([<uintptr_t><PyObject *>s for s in self._sets], dtype=np.uintp)
+        self._set_types = np.array(types, dtype=np.uint8)
+        self._set_dims = np.array([L.SETTYPE_DIMENSIONS[t] for t in types], dtype=np.uint8)
+        check_blob(blob, self.hook_entry, self.underflow, n_entries, n_recent, n_nfacct,
+                   len(self._sets))
 
     @classmethod
-    def from_compiled(cls, compiled, local_addrs, seed=0):
-        """A Table for a kernels.blob.CompiledTable."""
+    def from_compiled(cls, compiled, local_addrs, seed=0, sets=None):
+        """A Table for a kernels.blob.CompiledTable; ``sets`` are its ``-m set`` sets, aligned
+        with ``compiled.set_names`` (kernels.ipsets.build_sets)."""
         return cls(compiled.blob, compiled.hook_entry, compiled.underflow, compiled.stacksize,
                    compiled.n_entries, local_addrs, len(compiled.recent_names),
-                   len(compiled.nfacct_names), seed)
+                   len(compiled.nfacct_names), seed, sets, compiled.set_names)
 
     def reset_counters(self) -> None:
         self.counters[:] = 0
@@ -602,7 +725,45 @@ cdef class Table:
             self._nfacct[acct, 0] += 1
             self._nfacct[acct, 1] += p.length
             return True
+        if kind == MATCH_SET:
+            return self.set_match(m, p, r)
+        if kind == MATCH_PHYSDEV:
+            return physdev_match(m)
+        if kind == MATCH_IPVS:
+            return ipvs_match(m)
         return multiport_match(m, p)  # the only kind left: check_blob rejects unknown ones
+
+    # ---- set (set_match_v4 -> ip_set_test) ---------------------------------------------------
+
+    cdef bint set_match(self, const uint8_t *m, const packet_t *p, result_t *r) noexcept nogil:
+        cdef uint16_t index = u16_at(m, SET_ID)
+        cdef uint8_t flags = m[SET_FLAGS]
+        # ip_set_test: a match naming fewer dimensions than the set has tests nothing.
+        cdef bint found = m[SET_DIM] >= self._set_dims[index] and self.set_test(index, flags, p, r)
+        return found ^ ((flags & SET_INVERT) != 0)
+
+    cdef bint set_test(self, uint16_t index, uint8_t flags, const packet_t *p,
+                       result_t *r) noexcept nogil:
+        # The Table holds a reference to every set, so the borrowed pointers stay valid.
+        cdef PyObject *obj = <PyObject *>self._set_addrs[index]
+        cdef int set_type = self._set_types[index]
+        cdef uint8_t key[SET_KEY_MAX]
+        cdef uint32_t compares = 0
+        cdef int64_t before
+        cdef bint found
+        if set_type == SETTYPE_BITMAP_PORT:
+            if p.proto != IPPROTO_TCP and p.proto != IPPROTO_UDP:  # ip_set_get_ip_port
+                return False
+            before = (<BitmapPort>obj).bit_tests
+            found = (<BitmapPort>obj).contains(set_port(p, flags, 1))
+            r.set_probes += (<BitmapPort>obj).bit_tests - before
+            return found
+        pack_set_key(key, set_type, flags, p)
+        before = (<HashSet>obj).hash_computations
+        found = (<HashSet>obj).lookup_one(key, &compares) >= 0
+        r.set_probes += (<HashSet>obj).hash_computations - before
+        r.set_compares += compares
+        return found
 
     # ---- addrtype (addrtype_mt_v1 with inet_dev_addr_type's classes) -------------------------
 
@@ -657,7 +818,7 @@ cdef class Table:
 
 # ---- translate_table-like checks: a bad blob must fail here, not crash the nogil walk --------
 
-def check_blob(blob, hook_entry, underflow, n_entries, n_recent, n_nfacct) -> None:
+def check_blob(blob, hook_entry, underflow, n_entries, n_recent, n_nfacct, n_sets=0) -> None:
     """Raise ValueError unless the blob is a well-formed table (offsets, sizes, ids)."""
     cdef const uint8_t[::1] b = blob
     cdef const uint8_t *base = &b[0] if b.shape[0] else NULL
@@ -668,7 +829,7 @@ def check_blob(blob, hook_entry, underflow, n_entries, n_recent, n_nfacct) -> No
         if off + ENTRY_SIZE > size or u16_at(base + off, E_NEXT_OFFSET) < ENTRY_SIZE:
             raise ValueError(f"entry at {off} overruns the blob")
         offsets.add(off)
-        jumps += check_entry(base + off, off, size, n_entries, n_recent, n_nfacct)
+        jumps += check_entry(base + off, off, size, n_entries, n_recent, n_nfacct, n_sets)
         off += u16_at(base + off, E_NEXT_OFFSET)
     for hook in range(5):
         if hook_entry[hook] >= 0 and not {int(hook_entry[hook]), int(underflow[hook])} <= offsets:
@@ -678,7 +839,7 @@ def check_blob(blob, hook_entry, underflow, n_entries, n_recent, n_nfacct) -> No
 
 
 cdef list check_entry(const uint8_t *e, Py_ssize_t off, Py_ssize_t size, n_entries, n_recent,
-                      n_nfacct):
+                      n_nfacct, n_sets):
     """Check one entry; returns the jump offsets of its standard target (0 or 1 of them)."""
     cdef uint16_t next_offset = u16_at(e, E_NEXT_OFFSET), target_offset = u16_at(e, E_TARGET_OFFSET)
     cdef Py_ssize_t m = ENTRY_SIZE
@@ -693,6 +854,8 @@ cdef list check_entry(const uint8_t *e, Py_ssize_t off, Py_ssize_t size, n_entri
         if (kind == MATCH_NFACCT and u16_at(e + m, NFACCT_ID) >= n_nfacct) or (
                 kind == MATCH_RECENT and u16_at(e + m, RC_TABLE) >= n_recent):
             raise ValueError(f"entry at {off}: unknown nfacct or recent id")
+        if kind == MATCH_SET and u16_at(e + m, SET_ID) >= n_sets:
+            raise ValueError(f"entry at {off}: unknown set id {u16_at(e + m, SET_ID)}")
         if kind == MATCH_MULTIPORT and e[m + MP_COUNT] > L.MP_MAX_PORTS:
             raise ValueError(f"entry at {off}: too many multiport ports")
         m += L.MATCH_SIZES[kind]

@@ -36,6 +36,7 @@ X_DATA = XT_HEADER  # payload starts here
 MATCH_COMMENT, MATCH_TCP, MATCH_UDP, MATCH_SCTP = 1, 2, 3, 4
 MATCH_STATISTIC, MATCH_MARK, MATCH_CONNTRACK, MATCH_ADDRTYPE = 5, 6, 7, 8
 MATCH_RECENT, MATCH_NFACCT, MATCH_MULTIPORT = 9, 10, 11
+MATCH_SET, MATCH_PHYSDEV, MATCH_IPVS = 12, 13, 14  # IPVS mode's iptables rules
 MATCH_SIZES = {
     MATCH_COMMENT: 288,  # xt_comment_info: char comment[256], whatever the text length
     MATCH_TCP: 48,  # xt_tcp 12 B -> 16
@@ -48,19 +49,12 @@ MATCH_SIZES = {
     MATCH_RECENT: 264,  # xt_recent_mtinfo_v1 228 B -> 232 (derived)
     MATCH_NFACCT: 72,  # xt_nfacct_match_info: name[32] + pointer
     MATCH_MULTIPORT: 80,  # xt_multiport_v1 48 B
-}
-# Matches the loader lays out but no kernel walks yet (IPVS mode's iptables rules). They stay
-# out of MATCH_SIZES, the kinds check_blob accepts, so a table using them is refused rather
-# than misread; a kernel that implements one moves it into MATCH_SIZES.
-MATCH_SET, MATCH_PHYSDEV, MATCH_IPVS = 12, 13, 14
-PENDING_MATCH_SIZES = {
     # xt_set_info_match_v4 48 B [measured]: what iptables picks on kernels >= 4.x (rev 3 is
-    # also 48 B on x86-64). The ipset lookup behind it is the kernel's business, not the blob's.
+    # also 48 B on x86-64). The set itself is a kernels.hashset object handed to the Table.
     MATCH_SET: 80,
     MATCH_PHYSDEV: 104,  # xt_physdev_info 66 B -> 72 [measured]
     MATCH_IPVS: 72,  # xt_ipvs_mtinfo 40 B [measured]
 }
-BLOB_MATCH_SIZES = {**MATCH_SIZES, **PENDING_MATCH_SIZES}  # every match TableBuilder lays out
 
 TARGET_STANDARD, TARGET_ERROR, TARGET_REJECT, TARGET_DNAT = 1, 2, 3, 4
 TARGET_SNAT, TARGET_MASQUERADE, TARGET_MARK = 5, 6, 7
@@ -105,6 +99,10 @@ MP_MAX_PORTS = 15
 SET_ID, SET_DIM, SET_FLAGS = 32, 34, 35
 SET_INVERT = 0x01
 SET_DIM_MAX = 6
+# The ipset types a Table's sets model (kernels/ipsets.py tells them apart by class and key
+# layout), and the number of dimensions of each, which a match's dim must reach.
+SETTYPE_BITMAP_PORT, SETTYPE_IP, SETTYPE_IP_PORT, SETTYPE_IP_PORT_IP, SETTYPE_IP_PORT_NET = 0, 1, 2, 3, 4
+SETTYPE_DIMENSIONS = (1, 1, 2, 3, 3)
 # physdev (xt_physdev_info): interface names and masks at +32, +48 (in), +64, +80 (out), then
 # u8 invert and u8 bitmask, both of PHYSDEV_* bits (XT_PHYSDEV_OP_*).
 PHYSDEV_IN_NAME, PHYSDEV_OUT_NAME, PHYSDEV_INVERT, PHYSDEV_BITMASK = 32, 64, 96, 97
@@ -170,9 +168,11 @@ RESULT_DTYPE = np.dtype([
     ("entries_visited", "<u4"), ("match_calls", "<u4"), ("target_calls", "<u4"),
     ("jumps", "<u4"), ("rng_draws", "<u4"),
     ("bytes_touched", "<u8"),
-])  # 40 bytes, packed
+    ("set_probes", "<u4"), ("set_compares", "<u4"),  # -m set work (kernels/iptables.pyx)
+])  # 48 bytes, packed
 
-WORK_COUNTERS = ("entries_visited", "match_calls", "target_calls", "jumps", "rng_draws", "bytes_touched")
+WORK_COUNTERS = ("entries_visited", "match_calls", "target_calls", "jumps", "rng_draws", "bytes_touched",
+                 "set_probes", "set_compares")
 
 
 # ---- kernel allocation sizes (for the memory models) ----------------------------------------
@@ -295,3 +295,58 @@ IPVS_RESULT_DTYPE = np.dtype([
 ])  # 40 bytes, packed
 IPVS_WORK_COUNTERS = ("svc_compares", "conn_compares", "dests_examined", "conns_created",
                       "timer_rearms", "hash_computations")
+
+
+# ---- nftables (kernels/nftblob.py, kernels/nftables.pyx; kernel-internals §3, §6.4) ----------
+# A chain's rule blob: per rule an 8-byte nft_rule_dp header (u16 dlen, u8 is_last, pad, u32
+# handle), then its expressions as fixed 16-byte slots (u8 op, u8 reg, u8 len, u8 flags, u32 a,
+# b, c). The chain ends with an is_last header.
+NFT_RULE_DP_BYTES = 8
+NFT_OP_BYTES = 16
+NFT_DP_DLEN, NFT_DP_IS_LAST, NFT_DP_HANDLE = 0, 2, 4
+NFT_OP_KIND, NFT_OP_REG, NFT_OP_LEN, NFT_OP_FLAGS, NFT_OP_A, NFT_OP_B, NFT_OP_C = 0, 1, 2, 3, 4, 8, 12
+NFT_REGS = 16  # NFT_REG32_00 … NFT_REG32_15
+NFT_JUMP_STACK_SIZE = 16
+
+# Expression ops. a/b/c per op: PAYLOAD a = NFT_FIELD_*; META a = NFT_META_*; CMP (reg & b) vs a
+# over len bytes; RANGESET a = anonymous set; LOOKUP a = named set, len = key bytes; HMAP_VMAP
+# a = anonymous map; NUMGEN a = mod, b = offset; FIB_LOCAL a = NFT_FIELD_*; MARK_SET mark =
+# (mark & a) ^ b; DNAT a = address, b = port (0 keeps it); DYNSET a = set, b = timeout (s);
+# VERDICT a = verdict code (kind << 24 | chain).
+NFT_OP_PAYLOAD, NFT_OP_META, NFT_OP_CMP, NFT_OP_RANGESET, NFT_OP_LOOKUP = 1, 2, 3, 4, 5
+NFT_OP_HMAP_VMAP, NFT_OP_NUMGEN, NFT_OP_FIB_LOCAL, NFT_OP_CT_STATE, NFT_OP_MARK_SET = 6, 7, 8, 9, 10
+NFT_OP_DNAT, NFT_OP_MASQUERADE, NFT_OP_DYNSET, NFT_OP_COUNTER, NFT_OP_VERDICT = 11, 12, 13, 14, 15
+NFT_OP_NAMES = {1: "payload", 2: "meta", 3: "cmp", 4: "rangeset", 5: "lookup", 6: "hmap_vmap",
+                7: "numgen", 8: "fib", 9: "ct", 10: "mark_set", 11: "dnat", 12: "masq",
+                13: "dynset", 14: "counter", 15: "immediate"}
+# NFT_EXPR_SIZE of each op on x86-64: 8-byte ops pointer + private data rounded up to 8
+# (derived from the 6.x struct layouts; [mock] where not measured). Folded ops count every
+# expression they stand for: MARK_SET = meta load 16 + bitwise 56 + meta set 16; CMP is
+# nft_cmp_fast_expr (≤ 4 bytes); RANGESET and LOOKUP are nft_lookup; HMAP_VMAP is nft_lookup
+# too; VERDICT is nft_immediate_expr (16-byte nft_data) or, for reject, nft_reject.
+NFT_EXPR_BYTES = {NFT_OP_PAYLOAD: 16, NFT_OP_META: 16, NFT_OP_CMP: 24, NFT_OP_RANGESET: 48,
+                  NFT_OP_LOOKUP: 48, NFT_OP_HMAP_VMAP: 48, NFT_OP_NUMGEN: 24, NFT_OP_FIB_LOCAL: 24,
+                  NFT_OP_CT_STATE: 16, NFT_OP_MARK_SET: 88, NFT_OP_DNAT: 24, NFT_OP_MASQUERADE: 16,
+                  NFT_OP_DYNSET: 88, NFT_OP_COUNTER: 16, NFT_OP_VERDICT: 32}
+NFT_F_NEQ, NFT_F_VMAP, NFT_F_TIMEOUT = 0x01, 0x02, 0x04
+NFT_FIELD_SADDR, NFT_FIELD_DADDR, NFT_FIELD_SPORT, NFT_FIELD_DPORT = 1, 2, 3, 4
+NFT_META_L4PROTO, NFT_META_MARK = 1, 2
+# Verdict kinds (the top byte of a verdict code); NFT_V_NONE: the rule did not decide.
+NFT_V_NONE, NFT_V_ACCEPT, NFT_V_DROP, NFT_V_REJECT, NFT_V_JUMP = 0, 1, 2, 3, 4
+NFT_V_GOTO, NFT_V_RETURN, NFT_V_CONTINUE, NFT_V_BREAK = 5, 6, 7, 8
+# Kernel struct sizes for modelled_bytes (kernel-internals §3.6).
+NFT_RULE_BYTES, NFT_SET_BYTES, NFT_HASH_ELEM_BYTES, NFT_RBTREE_ELEM_BYTES = 24, 256, 32, 40
+NFT_VERDICT_DATA_BYTES = 16
+
+# Per-packet result of kernels.nftables.Ruleset.run: RESULT_DTYPE's verdict (V_*), NAT and mark
+# fields and nft's work counters (kernel-internals §6.1).
+NFT_RESULT_DTYPE = np.dtype([
+    ("verdict", "u1"), ("masquerade", "u1"), ("dnat_port", "<u2"),
+    ("dnat_ip", "<u4"),
+    ("mark", "<u4"),
+    ("entries_visited", "<u4"),  # nft rules started
+    ("expressions", "<u4"), ("set_lookups", "<u4"), ("bucket_entries_compared", "<u4"),
+    ("jumps", "<u4"), ("rng_draws", "<u4"),
+])  # 36 bytes, packed
+NFT_WORK_COUNTERS = ("entries_visited", "expressions", "set_lookups", "bucket_entries_compared",
+                     "jumps", "rng_draws")

@@ -29,3 +29,5 @@ cdef packed struct result_t:
     uint32_t jumps
     uint32_t rng_draws
     uint64_t bytes_touched
+    uint32_t set_probes
+    uint32_t set_compares

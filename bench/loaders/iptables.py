@@ -801,7 +801,7 @@ _TARGET_BY_KIND = {t.kind: t for t in _TARGETS.values()}
 _RESERVED_CHAIN_NAMES = frozenset(_VERDICTS) | frozenset(_TARGETS) | {"QUEUE", "ERROR"}
 # A rule with more matches than this might overflow the u16 next_offset; only then is its size
 # computed (every match is at most 288 bytes).
-_MATCHES_ALWAYS_FIT = (0xFFFF - L.ENTRY_SIZE - max(L.TARGET_SIZES.values())) // max(L.BLOB_MATCH_SIZES.values())
+_MATCHES_ALWAYS_FIT = (0xFFFF - L.ENTRY_SIZE - max(L.TARGET_SIZES.values())) // max(L.MATCH_SIZES.values())
 
 
 # ---- one rule ------------------------------------------------------------------------------

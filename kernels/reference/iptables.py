@@ -17,7 +17,13 @@ Work counters per packet (RESULT_DTYPE, kernel-internals §6.1):
 * ``jumps``: standard-target jumps to a chain offset (gotos included, fall-throughs not);
 * ``rng_draws``: statistic matches evaluated (one get_random_u32 each);
 * ``bytes_touched``: 112 per visited entry, plus the size of every match invoked, plus the
-  target's size when the target is reached.
+  target's size when the target is reached;
+* ``set_probes``: hashes computed and bitmap bits tested by ``-m set`` matches;
+* ``set_compares``: elements compared in the hash buckets they probed.
+
+``-m set`` tests the packet's key against the Table's sets (kernels.ipsets); ``-m physdev``
+sees no bridged packets; ``-m ipvs`` sees no IPVS connection. The compiled kernel's docstring
+gives the details of all three.
 
 The blob is decoded once, at construction, into one record per entry (checking it the way
 translate_table would); the walk then follows blob offsets exactly as the compiled kernel does.
@@ -33,12 +39,16 @@ from collections import OrderedDict, defaultdict
 import numpy as np
 
 from kernels import layout as L
+from kernels.ipsets import table_sets
+from kernels.reference import hashset
 from kernels.reference.hashing import SplitMix64
 
 RECENT_LIST_TOT = 100  # xt_recent's ip_list_tot default: entries per --name table
 M32 = 0xFFFFFFFF
 PORT_PROTOCOLS = {L.MATCH_TCP: 6, L.MATCH_UDP: 17, L.MATCH_SCTP: 132}
 ABSOLUTE_VERDICTS = {L.VERDICT_ACCEPT: L.V_ACCEPT, L.VERDICT_DROP: L.V_DROP}
+SET_PORT_PROTOCOLS = (6, 17, 132, 136)  # get_port: TCP, UDP, SCTP, UDPLITE carry ports
+BITMAP_PORT_PROTOCOLS = (6, 17)  # ip_set_get_ip_port: bitmap:port tests only TCP and UDP
 
 # struct ipt_entry as layout.py places it: addresses, interface names/masks as 2 × u64 each,
 # proto, flags, invflags, target_offset, next_offset, rule index, match count.
@@ -82,7 +92,7 @@ class _Walk:
     """A packet's mark, verdict and work counters while it walks."""
 
     __slots__ = ("mark", "verdict", "nat_ip", "nat_port", "entries_visited", "match_calls",
-                 "target_calls", "jumps", "rng_draws", "bytes_touched")
+                 "target_calls", "jumps", "rng_draws", "bytes_touched", "set_probes", "set_compares")
 
     def __init__(self, mark: int):
         self.mark = mark
@@ -90,11 +100,12 @@ class _Walk:
         self.nat_ip = self.nat_port = 0
         self.entries_visited = self.match_calls = self.target_calls = 0
         self.jumps = self.rng_draws = self.bytes_touched = 0
+        self.set_probes = self.set_compares = 0
 
     def record(self) -> tuple:
         return (self.verdict, 0, self.nat_port, self.nat_ip, self.mark, self.entries_visited,
                 self.match_calls, self.target_calls, self.jumps, self.rng_draws,
-                self.bytes_touched)
+                self.bytes_touched, self.set_probes, self.set_compares)
 
 
 def timer_overhead_ns(samples: int = 10000) -> int:
@@ -114,7 +125,7 @@ class Table:
     """
 
     def __init__(self, blob, hook_entry, underflow, stacksize: int, n_entries: int, local_addrs,
-                 n_recent: int = 0, n_nfacct: int = 0, seed: int = 0):
+                 n_recent: int = 0, n_nfacct: int = 0, seed: int = 0, sets=None, set_names=()):
         blob = np.ascontiguousarray(blob, dtype=np.uint8).tobytes()
         self.hook_entry = np.array(hook_entry, dtype=np.int32).reshape(5)
         self.underflow = np.array(underflow, dtype=np.int32).reshape(5)
@@ -127,15 +138,17 @@ class Table:
         # first. Created on first use: with ClientIP affinity there is one name per endpoint.
         self._recent: defaultdict[int, OrderedDict] = defaultdict(OrderedDict)
         self._rng = SplitMix64(seed)
-        self._entries = _decode(blob, n_entries, n_recent, n_nfacct)
+        self._sets, self._set_types = table_sets(set_names, sets, hashset)
+        self._entries = _decode(blob, n_entries, n_recent, n_nfacct, len(self._sets))
         self._check_hooks()
 
     @classmethod
-    def from_compiled(cls, compiled, local_addrs, seed: int = 0) -> "Table":
-        """A Table for a kernels.blob.CompiledTable."""
+    def from_compiled(cls, compiled, local_addrs, seed: int = 0, sets=None) -> "Table":
+        """A Table for a kernels.blob.CompiledTable; ``sets`` are its ``-m set`` sets, aligned
+        with ``compiled.set_names`` (kernels.ipsets.build_sets)."""
         return cls(compiled.blob, compiled.hook_entry, compiled.underflow, compiled.stacksize,
                    compiled.n_entries, local_addrs, len(compiled.recent_names),
-                   len(compiled.nfacct_names), seed)
+                   len(compiled.nfacct_names), seed, sets, compiled.set_names)
 
     def _check_hooks(self) -> None:
         for hook in range(5):
@@ -258,7 +271,42 @@ class Table:
             self.nfacct_counters[args[0], 0] += 1
             self.nfacct_counters[args[0], 1] += p.length
             return True
+        if kind == L.MATCH_SET:
+            return self._set_match(args, p, w)
+        if kind == L.MATCH_PHYSDEV:
+            invert, bitmask = args  # no bridge info: every option used must be inverted
+            return bitmask & ~invert == 0
+        if kind == L.MATCH_IPVS:
+            # No IPVS connection: a lone --ipvs is its invert bit; any other option fails.
+            invert, bitmask = args
+            return bitmask == L.IPVS_PROPERTY and bool(invert & L.IPVS_PROPERTY)
         return _multiport_match(args, p)  # the only kind left: _decode rejects unknown ones
+
+    # ---- set (set_match_v4 -> ip_set_test) ---------------------------------------------------
+
+    def _set_match(self, args: tuple, p: _Packet, w: _Walk) -> bool:
+        index, dim, flags = args
+        set_type = self._set_types[index]
+        # ip_set_test: a match naming fewer dimensions than the set has tests nothing.
+        found = dim >= L.SETTYPE_DIMENSIONS[set_type] and self._set_test(index, set_type, flags, p, w)
+        return found != bool(flags & L.SET_INVERT)
+
+    def _set_test(self, index: int, set_type: int, flags: int, p: _Packet, w: _Walk) -> bool:
+        s = self._sets[index]
+        found = np.zeros(1, dtype=np.uint8)
+        if set_type == L.SETTYPE_BITMAP_PORT:
+            if p.proto not in BITMAP_PORT_PROTOCOLS:
+                return False
+            before = s.bit_tests
+            s.lookup(np.array([_set_port(p, flags, 1)], dtype=np.uint16), found)
+            w.set_probes += s.bit_tests - before
+            return bool(found[0])
+        compares = np.zeros(1, dtype=np.uint32)
+        before = s.hash_computations
+        s.lookup(_set_key(set_type, flags, p), found, np.zeros(1, dtype=np.uint32), compares)
+        w.set_probes += s.hash_computations - before
+        w.set_compares += int(compares[0])
+        return bool(found[0])
 
     # ---- addrtype (addrtype_mt_v1 with inet_dev_addr_type's classes) -------------------------
 
@@ -353,6 +401,29 @@ def _multiport_match(args: tuple, p: _Packet) -> bool:
     return bool(invert)
 
 
+def _set_addr(p: _Packet, flags: int, dim: int) -> int:
+    return p.src if flags & (1 << dim) else p.dst
+
+
+def _set_port(p: _Packet, flags: int, dim: int) -> int:
+    if p.proto not in SET_PORT_PROTOCOLS:
+        return 0  # get_port leaves the element's port 0
+    return p.sport if flags & (1 << dim) else p.dport
+
+
+def _set_key(set_type: int, flags: int, p: _Packet) -> np.ndarray:
+    """The element a hash type's kadt builds from the packet (kernels.layout's packers)."""
+    ip = _set_addr(p, flags, 1)
+    if set_type == L.SETTYPE_IP:
+        return L.ipset_key_ip(ip)
+    port = _set_port(p, flags, 2)
+    if set_type == L.SETTYPE_IP_PORT:
+        return L.ipset_key_ip_port(ip, p.proto, port)
+    if set_type == L.SETTYPE_IP_PORT_IP:
+        return L.ipset_key_ip_port_ip(ip, p.proto, port, _set_addr(p, flags, 3))
+    return L.ipset_key_ip_port_net(ip, p.proto, port, _set_addr(p, flags, 3))
+
+
 def _run_target(e: _Entry, w: _Walk) -> bool:
     """An extension target; True means XT_CONTINUE (go on with the next entry)."""
     kind = e.target
@@ -374,18 +445,19 @@ def _run_target(e: _Entry, w: _Walk) -> bool:
 
 # ---- decoding, with translate_table-like checks ----------------------------------------------
 
-def _decode(blob: bytes, n_entries: int, n_recent: int, n_nfacct: int) -> dict[int, _Entry]:
+def _decode(blob: bytes, n_entries: int, n_recent: int, n_nfacct: int, n_sets: int) -> dict[int, _Entry]:
     entries = {}
     off = 0
     while off < len(blob):
         if off + L.ENTRY_SIZE > len(blob) or _u16(blob, off + L.E_NEXT_OFFSET) < L.ENTRY_SIZE:
             raise ValueError(f"entry at {off} overruns the blob")
-        entries[off] = _decode_entry(blob, off, n_entries, n_recent, n_nfacct)
+        entries[off] = _decode_entry(blob, off, n_entries, n_recent, n_nfacct, n_sets)
         off = entries[off].next
     return entries
 
 
-def _decode_entry(blob: bytes, off: int, n_entries: int, n_recent: int, n_nfacct: int) -> _Entry:
+def _decode_entry(blob: bytes, off: int, n_entries: int, n_recent: int, n_nfacct: int,
+                  n_sets: int) -> _Entry:
     e = _Entry()
     (e.src, e.dst, e.smsk, e.dmsk, in0, in1, out0, out1, inm0, inm1, outm0, outm1, e.proto,
      flags, e.invflags, target_offset, next_offset, e.row, match_count) = _HEADER.unpack_from(blob, off)
@@ -402,7 +474,7 @@ def _decode_entry(blob: bytes, off: int, n_entries: int, n_recent: int, n_nfacct
         kind, size = blob[off + m + L.X_KIND], _u16(blob, off + m + L.X_SIZE)
         if L.MATCH_SIZES.get(kind) != size or m + size > target_offset:
             raise ValueError(f"entry at {off}: bad match at +{m}")
-        e.matches.append((kind, size, _match_args(blob, off + m, kind, n_recent, n_nfacct)))
+        e.matches.append((kind, size, _match_args(blob, off + m, kind, n_recent, n_nfacct, n_sets)))
         m += size
     t = off + target_offset
     e.target, e.target_size = blob[t + L.X_KIND], _u16(blob, t + L.X_SIZE)
@@ -416,7 +488,7 @@ def _decode_entry(blob: bytes, off: int, n_entries: int, n_recent: int, n_nfacct
     return e
 
 
-def _match_args(blob: bytes, m: int, kind: int, n_recent: int, n_nfacct: int) -> tuple:
+def _match_args(blob: bytes, m: int, kind: int, n_recent: int, n_nfacct: int, n_sets: int) -> tuple:
     if kind in PORT_PROTOCOLS:
         return (_u16(blob, m + L.P_SPT_LO), _u16(blob, m + L.P_SPT_HI), _u16(blob, m + L.P_DPT_LO),
                 _u16(blob, m + L.P_DPT_HI), blob[m + L.P_PORT_INV])
@@ -444,6 +516,15 @@ def _match_args(blob: bytes, m: int, kind: int, n_recent: int, n_nfacct: int) ->
             raise ValueError(f"match at {m}: too many multiport ports")
         ports = struct.unpack_from(f"<{count}H", blob, m + L.MP_PORTS)
         return blob[m + L.MP_FLAGS], blob[m + L.MP_INVERT], ports
+    if kind == L.MATCH_SET:
+        index = _u16(blob, m + L.SET_ID)
+        if index >= n_sets:
+            raise ValueError(f"match at {m}: unknown set id {index}")
+        return index, blob[m + L.SET_DIM], blob[m + L.SET_FLAGS]
+    if kind == L.MATCH_PHYSDEV:
+        return blob[m + L.PHYSDEV_INVERT], blob[m + L.PHYSDEV_BITMASK]
+    if kind == L.MATCH_IPVS:
+        return blob[m + L.IPVS_INVERT], blob[m + L.IPVS_BITMASK]
     return ()  # comment: nothing to read
 
 
