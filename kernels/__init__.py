@@ -9,7 +9,7 @@ silently benchmark the slow path. ``BACKEND`` says which one is active.
 import importlib
 import os
 
-KERNELS = ("iptables", "conntrack", "hashset", "ipvs")
+KERNELS = ("iptables", "conntrack", "hashset", "ipvs", "nftables")
 
 
 class KernelBuildError(ImportError):
