@@ -13,7 +13,7 @@ from pathlib import Path
 
 from bench.errors import InputError
 
-MODES = ("iptables",)
+MODES = ("iptables", "ipvs")
 
 
 def _add_cluster_inputs(parser: argparse.ArgumentParser, required: bool) -> None:
@@ -38,6 +38,12 @@ def _add_host_options(parser: argparse.ArgumentParser) -> None:
                       help="NodePorts not reachable on 127.0.0.1 (iptables.localhostNodePorts=false)")
 
 
+def _add_scheduler_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--ipvs-scheduler", metavar="NAME",
+                        help="ipvs: the IPVS scheduler (rr, wrr, lc, dh, sh, sed, nq, mh, wlc), "
+                             "overriding the KubeProxyConfiguration's ipvs.scheduler (default rr)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kpbench",
@@ -53,9 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
                                        "resumes.")
     bench.add_argument("--profile", choices=("quick", "default"), default="default",
                        help="quick: two small points per E, for CI; default: services "
-                            "100..20,000 × endpoints 1, 10 (default: %(default)s)")
+                            "100..20,000 (ipvs: ..50,000) × endpoints 1, 10 (default: %(default)s)")
     bench.add_argument("--modes", nargs="+", metavar="MODE",
-                       help=f"modes to measure (default: all of {', '.join(MODES)})")
+                       help=f"modes to measure, of {', '.join(MODES)} (default: iptables)")
     bench.add_argument("--services", type=int, nargs="+", metavar="S", help="override the services grid")
     bench.add_argument("--endpoints", type=int, nargs="+", metavar="E",
                        help="override the endpoints-per-service grid")
@@ -73,7 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
                            description="Print exactly what kube-proxy's MODE programs for the "
                                        "cluster in --objects: for iptables, the iptables-restore "
                                        "payload of a full sync (or, with --previous, the partial "
-                                       "sync after the change from that cluster).")
+                                       "sync after the change from that cluster); for ipvs, what "
+                                       "a sync leaves on the node, in marked sections: "
+                                       "ipvsadm-save -n, ipset save, iptables-save and the "
+                                       "addresses of kube-ipvs0 (IPVS mode has no partial sync).")
     rules.add_argument("mode", choices=MODES, help="the kube-proxy mode")
     _add_cluster_inputs(rules, required=True)
     rules.add_argument("--previous", metavar="FILE",
@@ -84,17 +93,28 @@ def build_parser() -> argparse.ArgumentParser:
     rules.add_argument("--order-seed", type=int, metavar="N",
                        help="shuffle service order as Go's map iteration would (default: sorted)")
     rules.add_argument("--output", "-o", metavar="FILE", help="write to FILE instead of stdout")
+    _add_scheduler_option(rules)
     _add_host_options(rules)
 
     trace = sub.add_parser("trace", help="follow one packet through a ruleset, rule by rule",
                            description="Walk a NEW packet through the ruleset as the kernel does: "
                                        "nat PREROUTING (OUTPUT for the node's own addresses), DNAT, "
                                        "then the filter chains (OUTPUT for local senders; INPUT for "
-                                       "local destinations, FORWARD otherwise), then nat POSTROUTING.")
+                                       "local destinations, FORWARD otherwise), then nat POSTROUTING. "
+                                       "In ipvs mode IPVS runs at LOCAL_IN, after filter INPUT: the "
+                                       "virtual-server lookup and the scheduler's pick.")
     trace.add_argument("mode", choices=MODES, help="the kube-proxy mode")
     source = trace.add_mutually_exclusive_group(required=True)
-    source.add_argument("--ruleset", metavar="FILE", help="iptables-save output to trace through")
+    source.add_argument("--ruleset", metavar="FILE",
+                        help="iptables: iptables-save output; ipvs: the output of `kpbench rules ipvs`")
     source.add_argument("--objects", metavar="FILE", help="manifests: trace the rules kube-proxy would write")
+    source.add_argument("--ipvsadm", metavar="FILE",
+                        help="ipvs: a node's `ipvsadm-save -n` output (with --ipset and --iptables; "
+                             "every virtual service's address counts as bound to kube-ipvs0)")
+    trace.add_argument("--ipset", metavar="FILE", help="ipvs, with --ipvsadm: the node's `ipset save` output")
+    trace.add_argument("--iptables", metavar="FILE",
+                       help="ipvs, with --ipvsadm: the node's `iptables-save` output (needs --ipset "
+                            "for the sets its rules match)")
     trace.add_argument("--config", metavar="FILE", help="a KubeProxyConfiguration YAML (with --objects)")
     trace.add_argument("--node-ip", metavar="IP", action="append", default=[],
                        help="an address of the node (repeatable); local = these and 127.0.0.0/8")
@@ -106,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="follow every statistic branch and list every reachable endpoint")
     trace.add_argument("--seed", type=int, default=0, help="seed of the statistic match's RNG (default: 0)")
     trace.add_argument("--json", action="store_true", help="print a JSON object instead of the walk")
+    _add_scheduler_option(trace)
 
     cluster = sub.add_parser("cluster", help="write a synthetic cluster as Kubernetes manifests",
                              description="Generate a seeded synthetic cluster and write it as "

@@ -44,9 +44,38 @@ def load_cluster_args(objects: str, config: str | None, node_ips: list[str], arg
     return cluster
 
 
+def _scheduler(args) -> str | None:
+    """--ipvs-scheduler, checked: one of the kernel's schedulers kpbench models."""
+    from kernels.layout import IPVS_SCHEDULERS
+
+    name = getattr(args, "ipvs_scheduler", None)
+    if name is not None and name not in IPVS_SCHEDULERS:
+        raise InputError(f"unknown scheduler {name!r} (kpbench models {', '.join(IPVS_SCHEDULERS)})",
+                         "command line", "--ipvs-scheduler")
+    return name
+
+
+def _refuse(args, mode: str, options: dict[str, bool]) -> None:
+    for option, given in options.items():
+        if given:
+            raise InputError(f"not available in {mode} mode", "command line", option)
+
+
+def ipvs_cluster_args(args):
+    """The cluster from the command line, with --ipvs-scheduler applied."""
+    cluster = load_cluster_args(args.objects, args.config, args.node_ip, args)
+    scheduler = _scheduler(args)
+    if scheduler:
+        cluster.config.ipvs_scheduler = scheduler
+    return cluster
+
+
 def cmd_rules(args) -> int:
+    if args.mode == "ipvs":
+        return _rules_ipvs(args)
     from bench.proxies.iptables import WriterOptions, write_full, write_partial
 
+    _refuse(args, "iptables", {"--ipvs-scheduler": args.ipvs_scheduler is not None})
     cluster = load_cluster_args(args.objects, args.config, args.node_ip, args)
     options = WriterOptions(include_jump_rules=args.jump_rules, service_order_seed=args.order_seed)
     if args.previous:
@@ -58,12 +87,32 @@ def cmd_rules(args) -> int:
     return 0
 
 
-def cmd_trace(args) -> int:
-    from bench.trace import trace_packet, format_trace, ruleset_for_trace
+def _rules_ipvs(args) -> int:
+    from bench.proxies.ipvs import IpvsWriterOptions, write
 
-    ruleset, node_ips = ruleset_for_trace(args)
-    result = trace_packet(ruleset, node_ips, args.src, args.dst, args.dport, args.proto,
-                          all_endpoints=args.all_endpoints, seed=args.seed)
+    _refuse(args, "ipvs", {"--previous": bool(args.previous), "--order-seed": args.order_seed is not None})
+    cluster = ipvs_cluster_args(args)
+    _emit(write(cluster, IpvsWriterOptions(include_jump_rules=args.jump_rules)), args.output)
+    return 0
+
+
+def cmd_trace(args) -> int:
+    from bench.trace import format_trace, ipvs_ruleset_for_trace, ruleset_for_trace, trace_ipvs, trace_packet
+
+    if args.mode == "ipvs":
+        _refuse(args, "ipvs", {"--ipset": bool(args.ipset and not args.ipvsadm),
+                               "--iptables": bool(args.iptables and not args.ipvsadm)})
+        scheduler = _scheduler(args)
+        ruleset, node_ips = ipvs_ruleset_for_trace(args)
+        result = trace_ipvs(ruleset, node_ips, args.src, args.dst, args.dport, args.proto,
+                            all_endpoints=args.all_endpoints, seed=args.seed, scheduler=scheduler)
+    else:
+        _refuse(args, "iptables", {"--ipvsadm": bool(args.ipvsadm), "--ipset": bool(args.ipset),
+                                   "--iptables": bool(args.iptables),
+                                   "--ipvs-scheduler": args.ipvs_scheduler is not None})
+        ruleset, node_ips = ruleset_for_trace(args)
+        result = trace_packet(ruleset, node_ips, args.src, args.dst, args.dport, args.proto,
+                              all_endpoints=args.all_endpoints, seed=args.seed)
     if args.json:
         print(json.dumps(result, indent=2))
     else:
@@ -100,27 +149,32 @@ def cmd_bench(args) -> int:
     if unknown:
         raise InputError(f"unknown mode {sorted(unknown)[0]!r} (kpbench measures {', '.join(sweep.MODES)})",
                          "command line", "--modes")
-    points = sweep.grid(
-        args.modes or sweep.MODES,
-        _positive(args.services or profile["services"], "--services"),
+    modes = args.modes or sweep.MODES
+    by_mode = profile.get("services_by_mode", {})
+    points = [point for mode in modes for point in sweep.grid(
+        [mode],
+        _positive(args.services or by_mode.get(mode, profile["services"]), "--services"),
         _positive(args.endpoints or profile["endpoints"], "--endpoints"),
         _positive(args.nodes or profile["nodes"], "--nodes"),
         _positive([args.packets or profile["packets"]], "--packets")[0],
         args.seed,
-    )
+    )]
     out = Path(args.out)
     path = sweep.run(points, out, fresh=args.fresh, quiet=args.quiet)
     if not args.no_benchmarks:
-        _run_benchmarks(path, args, benchmarks, ResultsWriter, read_jsonl)
+        _run_benchmarks(path, args, modes, benchmarks, ResultsWriter, read_jsonl)
     frame = export_csv(path, out / "results.csv")
-    png = plots.first_packet_latency(frame, out / "first_packet_latency.png")
+    written = [path, out / "results.csv", plots.first_packet_latency(frame, out / "first_packet_latency.png")]
     print(summary_table(frame))
-    print(f"\nwrote {path}, {out / 'results.csv'} and {png}")
+    print(f"\nwrote {', '.join(map(str, written[:-1]))} and {written[-1]}")
     return 0
 
 
-def _run_benchmarks(path: Path, args, benchmarks, ResultsWriter, read_jsonl) -> None:
-    """Kernel speed and ruleset-load benchmarks, skipped when already recorded with this seed."""
+def _run_benchmarks(path: Path, args, modes, benchmarks, ResultsWriter, read_jsonl) -> None:
+    """Kernel speed and ruleset-load benchmarks (and, with ipvs, the connection-table scaling),
+    skipped when already recorded with this seed."""
+    from bench.sweep import PROFILES, ipvs_connection_scaling
+
     done = {r.get("benchmark_id") for r in read_jsonl(path)} if path.exists() else set()
     writer = ResultsWriter(path)
     quick = args.profile == "quick"
@@ -130,6 +184,9 @@ def _run_benchmarks(path: Path, args, benchmarks, ResultsWriter, read_jsonl) -> 
         "load_ruleset": lambda: benchmarks.load_cost(
             services=1000 if quick else 20000, endpoints=10, seed=args.seed),
     }
+    if "ipvs" in modes:
+        jobs["ipvs_connections"] = lambda: ipvs_connection_scaling(
+            PROFILES[args.profile]["ipvs_connections"], seed=args.seed)
     for name, job in jobs.items():
         key = hashlib.sha256(json.dumps([name, quick, args.seed]).encode()).hexdigest()[:16]
         if key in done:
@@ -140,29 +197,63 @@ def _run_benchmarks(path: Path, args, benchmarks, ResultsWriter, read_jsonl) -> 
 
 
 def summary_table(frame) -> str:
-    """The short table `kpbench bench` prints: one row per point."""
+    """The short tables `kpbench bench` prints: one per mode, one row per point."""
     points = frame[frame["kind"] == "point"]
     if points.empty:
         return "no points measured"
-    table = points.pivot_table(index=["services", "endpoints"], columns="workload",
-                               values=["ns_p50", "entries_visited_mean"], aggfunc="last")
-    lines = [f"{'services':>9} {'E':>3} {'new→svc p50 ns':>15} {'entries':>8} "
-             f"{'new→pod p50 ns':>15} {'entries':>8} {'estab. p50 ns':>14} {'kernel MiB':>11}"]
-    memory = points.groupby(["services", "endpoints"])["kernel_bytes"].last()
-    for (services, endpoints), row in table.iterrows():
-        lines.append(
-            f"{services:>9,} {endpoints:>3} {row[('ns_p50', 'service_new')]:>15,.0f} "
-            f"{row[('entries_visited_mean', 'service_new')]:>8,.0f} "
-            f"{row[('ns_p50', 'nonservice_new')]:>15,.0f} "
-            f"{row[('entries_visited_mean', 'nonservice_new')]:>8,.0f} "
-            f"{row[('ns_p50', 'established')]:>14,.0f} "
-            f"{memory[(services, endpoints)] / 2**20:>11,.1f}")
+    lines = []
+    for mode, rows in points.groupby("mode", sort=False):
+        lines += (_ipvs_rows if mode == "ipvs" else _iptables_rows)(rows)
     for _, bench_row in frame[frame["kind"] == "benchmark"].iterrows():
         lines.append(_benchmark_line(bench_row))
     return "\n".join(lines)
 
 
+def _pivot(points, values: list[str]):
+    table = points.pivot_table(index=["services", "endpoints"], columns="workload", values=values,
+                               aggfunc="last")
+    return table, points.groupby(["services", "endpoints"])["kernel_bytes"].last()
+
+
+def _iptables_rows(points) -> list[str]:
+    table, memory = _pivot(points, ["ns_p50", "entries_visited_mean"])
+    lines = [f"{'services':>9} {'E':>3} {'new→svc p50 ns':>15} {'entries':>8} "
+             f"{'new→pod p50 ns':>15} {'entries':>8} {'estab. p50 ns':>14} {'kernel MiB':>11}"]
+    for (services, endpoints), row in table.iterrows():
+        lines.append(
+            f"{services:>9,} {int(endpoints):>3} {row[('ns_p50', 'service_new')]:>15,.0f} "
+            f"{row[('entries_visited_mean', 'service_new')]:>8,.0f} "
+            f"{row[('ns_p50', 'nonservice_new')]:>15,.0f} "
+            f"{row[('entries_visited_mean', 'nonservice_new')]:>8,.0f} "
+            f"{row[('ns_p50', 'established')]:>14,.0f} "
+            f"{memory[(services, endpoints)] / 2**20:>11,.1f}")
+    return lines
+
+
+def _ipvs_rows(points) -> list[str]:
+    """svc cmp: service-table entries compared per first packet; conn cmp: connection-table
+    entries compared per established packet."""
+    table, memory = _pivot(points, ["ns_p50", "svc_compares_mean", "conn_compares_mean"])
+    lines = [f"\n{'ipvs: S':>9} {'E':>3} {'new→svc p50 ns':>15} {'svc cmp':>8} "
+             f"{'new→pod p50 ns':>15} {'estab. p50 ns':>14} {'conn cmp':>9} {'kernel MiB':>11}"]
+    for (services, endpoints), row in table.iterrows():
+        lines.append(
+            f"{services:>9,} {int(endpoints):>3} {row[('ns_p50', 'service_new')]:>15,.0f} "
+            f"{row[('svc_compares_mean', 'service_new')]:>8,.2f} "
+            f"{row[('ns_p50', 'nonservice_new')]:>15,.0f} "
+            f"{row[('ns_p50', 'established')]:>14,.0f} "
+            f"{row[('conn_compares_mean', 'established')]:>9,.2f} "
+            f"{memory[(services, endpoints)] / 2**20:>11,.1f}")
+    return lines
+
+
 def _benchmark_line(row) -> str:
+    if row["benchmark"] == "ipvs_connections":
+        sizes = sorted(int(k.rsplit("_", 1)[1]) for k in row.index
+                       if k.startswith("conn_compares_mean_") and row[k] == row[k])  # not NaN
+        return ("IPVS connection table (4096 chains), entries compared per established packet: "
+                + ", ".join(f"{n:,} connections {row[f'conn_compares_mean_{n}']:.2f} "
+                            f"(n/8192 + 1 = {n / 8192 + 1:.2f})" for n in sizes))
     if row["benchmark"] == "kernel_speed":
         return (f"kernel speed at {row['services']:,} services, Cython vs its Python twin per first packet "
                 f"(medians of wall ns; the ratio is of CPU time): "
@@ -170,6 +261,6 @@ def _benchmark_line(row) -> str:
                 f"= {row['service_speedup']:,.0f}x; not to a service {row['nonservice_cython_ns_p50']:,.0f} vs "
                 f"{row['nonservice_python_ns_p50']:,.0f} ns = {row['nonservice_speedup']:,.0f}x; "
                 f"{row['ns_per_visited_entry']:.2f} ns per visited entry")
-    return (f"load {row['services']:,} services x {row['endpoints']} endpoints "
+    return (f"load {row['services']:,} services x {int(row['endpoints'])} endpoints "
             f"({row['entries']:,.0f} entries): {row['load_seconds']:.1f} s, "
             f"peak RSS {row['peak_rss_bytes'] / 2**30:.2f} GiB")

@@ -1,11 +1,13 @@
 """One node's data path, assembled from the kernels, and the measurements taken on it.
 
-The path is the kernel's (kernel-internals §4.3). A packet first meets conntrack. On a miss
+iptables mode (:class:`IptablesDatapath`): the path is the kernel's (kernel-internals §4.3). A packet first meets conntrack. On a miss
 (the first packet of a connection) the nat table runs at PREROUTING, the DNAT is applied, the
 filter table runs at INPUT or FORWARD, the nat table runs again at POSTROUTING, and conntrack
 confirms the connection (two tuple entries). On a hit, NAT is applied from conntrack with no
 rule walk and only the filter table runs. Each stage is a nogil batch call that adds its own
 time per packet into one ``ns`` array, less the timer's own overhead.
+
+IPVS mode (:class:`IpvsDatapath`) is described there.
 """
 from __future__ import annotations
 
@@ -15,8 +17,10 @@ import numpy as np
 
 import kernels
 from bench.loaders.iptables import Ruleset
-from bench.netaddr import ip_to_int
+from bench.loaders.ipvs import IpvsRuleset, kernel_arrays
+from bench.netaddr import int_to_ip, ip_to_int
 from kernels import layout as L
+from kernels.ipsets import build_sets
 
 LOOPBACK_NET, LOOPBACK_MASK = 0x7F000000, 0xFF000000
 
@@ -31,18 +35,25 @@ class PathResult:
     entries_visited: np.ndarray  # all tables, per packet
     nat_entries_visited: np.ndarray
     after_nat: np.ndarray  # the packets as the filter table saw them
+    conntrack_compares: np.ndarray  # conntrack lookup, plus confirm for first packets
 
 
 class IptablesDatapath:
     """conntrack + the nat and filter tables of one node, on one kernel backend."""
 
     def __init__(self, ruleset: Ruleset, node_ips: list[str], seed: int = 0,
-                 backend: str | None = None, conntrack_buckets: int = 262144):
+                 backend: str | None = None, conntrack_buckets: int = 262144,
+                 sets: dict | None = None):
+        """``sets``: per table, the ipsets its ``-m set`` rules name, aligned with the
+        compiled table's set_names (IPVS mode; None for iptables mode's rules)."""
         iptables = kernels.load("iptables", backend)
         conntrack = kernels.load("conntrack", backend)
+        sets = sets or {}
         self.local = np.array(sorted(ip_to_int(ip) for ip in node_ips), dtype=np.uint32)
-        self.nat = iptables.Table.from_compiled(ruleset.tables["nat"], self.local, seed=seed)
-        self.filter = iptables.Table.from_compiled(ruleset.tables["filter"], self.local, seed=seed + 1)
+        self.nat = iptables.Table.from_compiled(ruleset.tables["nat"], self.local, seed=seed,
+                                                sets=sets.get("nat"))
+        self.filter = iptables.Table.from_compiled(ruleset.tables["filter"], self.local, seed=seed + 1,
+                                                   sets=sets.get("filter"))
         self.conntrack = conntrack.ConntrackTable(buckets=conntrack_buckets, seed=seed)
         self.timer_overhead = int(iptables.timer_overhead_ns())
 
@@ -83,6 +94,7 @@ class IptablesDatapath:
         lookup_ns = np.zeros(n, dtype=np.int64)
         self.conntrack.lookup(packets, found, compares, lookup_ns)
         ns += np.maximum(lookup_ns - self.timer_overhead, 0)
+        compares = compares.astype(np.int64)
 
         new = np.flatnonzero(found == 0)
         nat = np.zeros(n, dtype=L.RESULT_DTYPE)
@@ -98,10 +110,131 @@ class IptablesDatapath:
             post_ns = np.zeros(new.size, dtype=np.int64)
             post[new] = self._walk(self.nat, after[new], L.HOOK_POSTROUTING, post_ns)
             ns[new] += post_ns
-            self.conntrack.confirm(packets[new], nat[new], np.zeros(new.size, np.uint32))
+            compares[new] += confirm(self.conntrack, packets[new], nat[new])
         visited = (nat["entries_visited"].astype(np.int64) + filt["entries_visited"]
                    + post["entries_visited"])
-        return PathResult(ns, found == 1, nat, visited, nat["entries_visited"].astype(np.int64), after)
+        return PathResult(ns, found == 1, nat, visited, nat["entries_visited"].astype(np.int64), after,
+                          compares)
+
+
+class IpvsDatapath:
+    """IPVS mode: conntrack, IPVS mode's small iptables ruleset, and IPVS at LOCAL_IN.
+
+    A first packet (kernel-internals §4.3, §2.3, §2.6): conntrack misses; nat PREROUTING runs
+    kube-proxy's ipset-driven rules, which only set the masquerade mark; the destination is a
+    VIP bound to kube-ipvs0, so the packet is local and filter INPUT runs (KUBE-IPVS-FILTER,
+    the source-range firewall); IPVS at LOCAL_IN finds the virtual service, schedules and
+    creates its connection; nat POSTROUTING masquerades marked packets; conntrack confirms
+    (kube-proxy sets vs/conntrack=1, so every IPVS connection also has a conntrack entry).
+    A later packet: conntrack hits, filter INPUT runs, IPVS finds its connection and re-arms
+    the connection's timer; no nat rule runs. Packets to addresses that are not local never
+    reach LOCAL_IN: they take filter FORWARD, and IPVS is not run for them (its reply-path
+    lookup at FORWARD is not modelled).
+
+    ``self.rules`` holds the iptables stages and conntrack (an IptablesDatapath whose local
+    addresses include the VIPs).
+    """
+
+    def __init__(self, ruleset: IpvsRuleset, node_ips: list[str], seed: int = 0,
+                 backend: str | None = None, scheduler: str | None = None,
+                 conntrack_buckets: int = 262144, conn_tab_bits: int = 12):
+        services, dests = kernel_arrays(ruleset.services, ruleset.source, scheduler)
+        ipvs = kernels.load("ipvs", backend)
+        self.ipvs = ipvs.IPVS.from_arrays(services, dests, conn_tab_bits=conn_tab_bits, seed=seed)
+        # The VIPs on kube-ipvs0 are local addresses: that is how packets reach LOCAL_IN.
+        local_ips = list(node_ips) + [int_to_ip(a) for a in ruleset.addresses]
+        self.rules = IptablesDatapath(ruleset.iptables, local_ips, seed, backend, conntrack_buckets,
+                                      sets=kernel_sets(ruleset, backend, seed))
+        self.conntrack = self.rules.conntrack
+
+    def process(self, packets: np.ndarray) -> IpvsPathResult:
+        """Send a batch through the path (first and later packets may be mixed)."""
+        n = len(packets)
+        ns = np.zeros(n, dtype=np.int64)
+        found = np.zeros(n, dtype=np.uint8)
+        compares = np.zeros(n, dtype=np.uint32)
+        lookup_ns = np.zeros(n, dtype=np.int64)
+        self.conntrack.lookup(packets, found, compares, lookup_ns)
+        ns += np.maximum(lookup_ns - self.rules.timer_overhead, 0)
+        compares = compares.astype(np.int64)
+        new = found == 0
+
+        nat = np.zeros(n, dtype=L.RESULT_DTYPE)
+        nat[new] = self._rule_walk(self.rules.nat, packets, new, L.HOOK_PREROUTING, ns)
+        marked = packets.copy()
+        # IPVS mode's nat rules never DNAT: the mark is all PREROUTING leaves.
+        marked["mark"][new] = nat["mark"][new]
+        filt = self.rules._filter(marked, ns)
+        allowed = ~np.isin(filt["verdict"], (L.V_DROP, L.V_REJECT))
+        ipvs = self._ipvs(marked, allowed & self.rules.is_local(marked["dst"]), ns)
+
+        after = marked.copy()
+        forwarded = ipvs["verdict"] == L.IPVS_FORWARD
+        after["dst"][forwarded] = ipvs["dnat_ip"][forwarded]
+        after["dport"][forwarded] = ipvs["dnat_port"][forwarded]
+        passed = new & allowed & (ipvs["verdict"] != L.IPVS_NO_DEST)
+        post = np.zeros(n, dtype=L.RESULT_DTYPE)
+        post[passed] = self._rule_walk(self.rules.nat, after, passed, L.HOOK_POSTROUTING, ns)
+        if passed.any():
+            compares[passed] += confirm(self.conntrack, packets[passed], _as_dnat(ipvs[passed]))
+        visited = (nat["entries_visited"].astype(np.int64) + filt["entries_visited"]
+                   + post["entries_visited"])
+        return IpvsPathResult(ns, found == 1, nat, visited, nat["entries_visited"].astype(np.int64),
+                              after, compares, ipvs, post)
+
+    def _rule_walk(self, table, packets: np.ndarray, chosen: np.ndarray, hook: int,
+                   ns: np.ndarray) -> np.ndarray:
+        """One table's walk over the chosen packets; their results."""
+        index = np.flatnonzero(chosen)
+        if not index.size:
+            return np.zeros(0, dtype=L.RESULT_DTYPE)
+        part_ns = np.zeros(index.size, dtype=np.int64)
+        results = self.rules._walk(table, packets[index], hook, part_ns)
+        ns[index] += part_ns
+        return results
+
+    def _ipvs(self, packets: np.ndarray, chosen: np.ndarray, ns: np.ndarray) -> np.ndarray:
+        """IPVS at LOCAL_IN for the chosen packets; NOT_SERVICE for the rest."""
+        results = np.zeros(len(packets), dtype=L.IPVS_RESULT_DTYPE)
+        results["verdict"] = L.IPVS_NOT_SERVICE
+        results["service"] = results["dest"] = -1
+        index = np.flatnonzero(chosen)
+        if index.size:
+            part = np.zeros(index.size, dtype=L.IPVS_RESULT_DTYPE)
+            part_ns = np.zeros(index.size, dtype=np.int64)
+            self.ipvs.process(packets[index], part, part_ns)
+            results[index] = part
+            ns[index] += np.maximum(part_ns - self.rules.timer_overhead, 0)
+        return results
+
+
+@dataclass
+class IpvsPathResult(PathResult):
+    ipvs: np.ndarray  # IPVS_RESULT_DTYPE: verdict, real server, IPVS work counters
+    postrouting: np.ndarray  # RESULT_DTYPE of nat POSTROUTING (zeros where it did not run)
+
+
+def kernel_sets(ruleset: IpvsRuleset, backend: str | None, seed: int) -> dict:
+    """Per table, the set kernels its ``-m set`` rules name, aligned with its set_names."""
+    return {name: build_sets(ruleset.ipsets, table.set_names, backend, seed)
+            for name, table in ruleset.iptables.tables.items()}
+
+
+def _as_dnat(ipvs: np.ndarray) -> np.ndarray:
+    """IPVS's forwarding as the DNAT conntrack records for the connection's reply tuple."""
+    nat = np.zeros(len(ipvs), dtype=L.RESULT_DTYPE)
+    forwarded = ipvs["verdict"] == L.IPVS_FORWARD
+    nat["verdict"] = np.where(forwarded, L.V_DNAT, L.V_ACCEPT)
+    nat["dnat_ip"] = ipvs["dnat_ip"]
+    nat["dnat_port"] = ipvs["dnat_port"]
+    return nat
+
+
+def confirm(conntrack, packets: np.ndarray, nat: np.ndarray) -> np.ndarray:
+    """Confirm the first packets' connections; the entries each compared."""
+    compares = np.zeros(len(packets), np.uint32)
+    conntrack.confirm(packets, nat, compares)
+    return compares
 
 
 def apply_nat(packets: np.ndarray, nat: np.ndarray) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""`kpbench trace`: follow one NEW packet through an iptables ruleset, entry by entry.
+"""`kpbench trace`: follow one NEW packet through an iptables or IPVS-mode ruleset, step by step.
 
 The walk is the kernel's, run by the pure-Python twin of the iptables kernel (speed does not
 matter here and the twin can report every entry it visits): nat PREROUTING, or nat OUTPUT for
@@ -11,18 +11,28 @@ in nat, then any ACCEPT, DROP or REJECT decided in kube-proxy's filter chains KU
 KUBE-EXTERNAL-SERVICES, KUBE-NODEPORTS and KUBE-PROXY-FIREWALL, joined by ", ".
 With ``all_endpoints`` every statistic branch is followed (each walk takes one more "no"
 than the last), so every reachable endpoint is listed in rule order.
+
+IPVS mode (:func:`trace_ipvs`) walks the same iptables hooks over IPVS mode's small ipset-driven
+ruleset, with IPVS at LOCAL_IN between filter INPUT and nat POSTROUTING: one ``ipvs`` step shows the
+virtual-server lookup (bucket, entries compared) and the scheduler's pick. ``output`` is the
+real server reached ("" when the packet is not for a virtual service, "REJECT" when the virtual
+service has no usable real server: IPVS answers ICMP port unreachable); with ``all_endpoints``
+every real server of the virtual service, in the kernel's list order.
 """
 from __future__ import annotations
 
 import numpy as np
 
 import kernels
+from bench.errors import read_input
+from bench.loaders import ipvs as ipvs_loader
 from bench.loaders.iptables import Ruleset, load, load_file
-from bench.netaddr import PROTOCOLS, int_to_ip, ip_to_int, parse_port
-from bench.measure import apply_nat
+from bench.netaddr import PROTOCOL_NAMES, PROTOCOLS, int_to_ip, ip_to_int, parse_port
+from bench.measure import apply_nat, kernel_sets
 from kernels import layout as L
 
-KUBE_FILTER_CHAINS = ("KUBE-SERVICES", "KUBE-EXTERNAL-SERVICES", "KUBE-NODEPORTS", "KUBE-PROXY-FIREWALL")
+KUBE_FILTER_CHAINS = ("KUBE-SERVICES", "KUBE-EXTERNAL-SERVICES", "KUBE-NODEPORTS", "KUBE-PROXY-FIREWALL",
+                      "KUBE-SOURCE-RANGES-FIREWALL", "KUBE-IPVS-FILTER")  # the last two: IPVS mode
 SOURCE_PORT = 40000  # any ephemeral port: kube-proxy's rules never match on it
 MAX_PATHS = 10000  # far above kube-proxy's 250-endpoint ceiling; stops a pathological ruleset
 
@@ -30,8 +40,7 @@ MAX_PATHS = 10000  # far above kube-proxy's 250-endpoint ceiling; stops a pathol
 def ruleset_for_trace(args) -> tuple[Ruleset, list[str]]:
     """The ruleset named on the command line, and the node's addresses."""
     if args.ruleset:
-        for ip in args.node_ip:
-            ip_to_int(ip, "command line", "--node-ip")
+        _check_node_ips(args.node_ip)
         return load_file(args.ruleset), list(args.node_ip)
     from bench.commands import load_cluster_args
     from bench.proxies.iptables import WriterOptions, write_full
@@ -39,6 +48,11 @@ def ruleset_for_trace(args) -> tuple[Ruleset, list[str]]:
     cluster = load_cluster_args(args.objects, args.config, args.node_ip)
     text = write_full(cluster, WriterOptions(include_jump_rules=True))
     return load(text, source=f"rules for {args.objects}"), list(cluster.config.node_ips)
+
+
+def _check_node_ips(node_ips: list[str]) -> None:
+    for ip in node_ips:
+        ip_to_int(ip, "command line", "--node-ip")
 
 
 def make_packet(src: str, dst: str, dport, proto: str) -> np.ndarray:
@@ -56,11 +70,11 @@ def make_packet(src: str, dst: str, dport, proto: str) -> np.ndarray:
 class _Walker:
     """Runs one table's walks through the twin and turns visited offsets into steps."""
 
-    def __init__(self, ruleset: Ruleset, table: str, local: np.ndarray, seed: int):
+    def __init__(self, compiled, table: str, local: np.ndarray, seed: int, sets: list | None = None):
+        """``compiled`` None: the ruleset has no such table, and walks return nothing."""
         self.name = table
-        compiled = ruleset.tables.get(table)
         twin = kernels.load("iptables", "python")
-        self.table = twin.Table.from_compiled(compiled, local, seed=seed) if compiled else None
+        self.table = twin.Table.from_compiled(compiled, local, seed=seed, sets=sets) if compiled else None
         self.entries = {e.offset: e for e in compiled.entries} if compiled else {}
 
     def walk(self, packet: np.ndarray, hook: int, decide=None):
@@ -121,8 +135,8 @@ def trace_packet(ruleset: Ruleset, node_ips: list[str], src: str, dst: str, dpor
     packet = make_packet(src, dst, dport, proto)
     local = np.array(sorted(ip_to_int(ip) for ip in node_ips), dtype=np.uint32)
     is_local = lambda address: (address >> 24) == 127 or address in local  # noqa: E731
-    nat = _Walker(ruleset, "nat", local, seed)
-    filt = _Walker(ruleset, "filter", local, seed)
+    nat = _Walker(ruleset.tables.get("nat"), "nat", local, seed)
+    filt = _Walker(ruleset.tables.get("filter"), "filter", local, seed)
     from_node = is_local(int(packet["src"][0]))
     nat_hook = L.HOOK_OUTPUT if from_node else L.HOOK_PREROUTING
 
@@ -137,22 +151,8 @@ def trace_packet(ruleset: Ruleset, node_ips: list[str], src: str, dst: str, dpor
     nat_result, path = walks[0]
 
     after = apply_nat(packet, np.array([nat_result], dtype=L.RESULT_DTYPE)) if nat_result is not None else packet
-    hooks = [L.HOOK_OUTPUT] if from_node else []
-    if is_local(int(after["dst"][0])):
-        hooks.append(L.HOOK_INPUT)
-    elif not from_node:
-        hooks.append(L.HOOK_FORWARD)
-    results, outputs, verdict = [nat_result], list(destinations), "ACCEPT"
-    for hook in hooks:
-        result, steps = filt.walk(after, hook)
-        path += steps
-        results.append(result)
-        decision = _filter_decision(result, steps)
-        if decision:
-            outputs.append(decision)
-        if result is not None and L.VERDICT_NAMES[int(result["verdict"])] in ("DROP", "REJECT"):
-            verdict = L.VERDICT_NAMES[int(result["verdict"])]
-            break
+    results, outputs = [nat_result], list(destinations)
+    verdict = _run_filter(filt, after, from_node, is_local(int(after["dst"][0])), path, results, outputs)
     if verdict == "ACCEPT":
         result, steps = nat.walk(after, L.HOOK_POSTROUTING)
         path += steps
@@ -167,6 +167,142 @@ def trace_packet(ruleset: Ruleset, node_ips: list[str], src: str, dst: str, dpor
         "path": path,
         "counters": _counters(results),
     }
+
+
+def ipvs_ruleset_for_trace(args) -> tuple[ipvs_loader.IpvsRuleset, list[str]]:
+    """The IPVS-mode state named on the command line, and the node's addresses: kpbench's
+    sectioned file (--ruleset), a node's own outputs (--ipvsadm, with --ipset and --iptables),
+    or the rules kube-proxy would write for --objects."""
+    if args.ruleset or args.ipvsadm:
+        _check_node_ips(args.node_ip)
+    if args.ruleset:
+        text = read_input(args.ruleset, "a kpbench rules ipvs file")
+        return ipvs_loader.load(text, args.ruleset), list(args.node_ip)
+    if args.ipvsadm:
+        return _ruleset_from_outputs(args), list(args.node_ip)
+    from bench.commands import ipvs_cluster_args
+    from bench.proxies.ipvs import IpvsWriterOptions, write
+
+    cluster = ipvs_cluster_args(args)
+    text = write(cluster, IpvsWriterOptions(include_jump_rules=True))
+    return ipvs_loader.load(text, f"rules for {args.objects}"), list(cluster.config.node_ips)
+
+
+def _ruleset_from_outputs(args) -> ipvs_loader.IpvsRuleset:
+    """A node's ``ipvsadm-save -n``, ``ipset save`` and ``iptables-save`` outputs. Without
+    ``ip addr show kube-ipvs0``, every virtual service's address counts as bound there."""
+    services = ipvs_loader.load_ipvsadm(read_input(args.ipvsadm, "ipvsadm-save -n output"), args.ipvsadm)
+    ipsets = {}
+    if args.ipset:
+        ipsets = ipvs_loader.load_ipset(read_input(args.ipset, "ipset save output"), args.ipset)
+    rules = load_file(args.iptables) if args.iptables else load("", "no iptables-save output")
+    ipvs_loader._check_set_references(rules, ipsets, args.iptables or "")
+    addresses = list(dict.fromkeys(svc.addr for svc in services if not svc.fwmark))
+    return ipvs_loader.IpvsRuleset(services, ipsets, rules, addresses, args.ipvsadm)
+
+
+def trace_ipvs(ruleset: ipvs_loader.IpvsRuleset, node_ips: list[str], src: str, dst: str, dport,
+               proto: str = "tcp", all_endpoints: bool = False, seed: int = 0,
+               scheduler: str | None = None) -> dict:
+    """One NEW packet through IPVS mode: nat, filter, IPVS at LOCAL_IN, nat POSTROUTING."""
+    packet = make_packet(src, dst, dport, proto)
+    local = np.array(sorted({ip_to_int(ip) for ip in node_ips} | set(ruleset.addresses)), dtype=np.uint32)
+    is_local = lambda address: (address >> 24) == 127 or address in local  # noqa: E731
+    sets, tables = kernel_sets(ruleset, "python", seed), ruleset.iptables.tables
+    nat = _Walker(tables.get("nat"), "nat", local, seed, sets.get("nat"))
+    filt = _Walker(tables.get("filter"), "filter", local, seed, sets.get("filter"))
+    from_node = is_local(int(packet["src"][0]))
+
+    nat_result, path = nat.walk(packet, L.HOOK_OUTPUT if from_node else L.HOOK_PREROUTING)
+    if nat_result is not None:
+        packet["mark"] = nat_result["mark"]  # IPVS mode's nat rules only mark
+    results, outputs = [nat_result], []
+    to_local = is_local(int(packet["dst"][0]))
+    verdict = _run_filter(filt, packet, from_node, to_local, path, results, outputs)
+    ipvs, endpoints, after = None, [], packet
+    if verdict == "ACCEPT" and to_local:
+        ipvs, step, endpoints = _ipvs_step(ruleset, packet, from_node, all_endpoints, seed, scheduler)
+        path.append(step)
+        outputs += endpoints
+        if int(ipvs["verdict"]) == L.IPVS_FORWARD:
+            after = packet.copy()
+            after["dst"], after["dport"] = ipvs["dnat_ip"], ipvs["dnat_port"]
+        elif int(ipvs["verdict"]) == L.IPVS_NO_DEST:
+            verdict = "REJECT"  # ip_vs_leave: ICMP port unreachable, the packet dropped
+            outputs.append(verdict)
+    post = None
+    if verdict == "ACCEPT":
+        post, steps = nat.walk(after, L.HOOK_POSTROUTING)
+        path += steps
+        results.append(post)
+    marked = any(s["chain"] == "KUBE-MARK-MASQ" for s in path)
+    masquerade = marked or (post is not None and int(post["verdict"]) == L.V_MASQUERADE)
+    ipvs_counters = {name: int(ipvs[name]) if ipvs is not None else 0 for name in L.IPVS_WORK_COUNTERS}
+    return {
+        "packet": {"src": src, "dst": dst, "dport": int(packet["dport"][0]), "proto": proto,
+                   "locally_generated": bool(from_node)},
+        "output": ", ".join(outputs),
+        "masquerade": bool(masquerade),
+        "verdict": verdict,
+        "endpoints": endpoints,
+        "path": path,
+        "counters": {**_counters(results), **ipvs_counters},
+    }
+
+
+def _ipvs_step(ruleset, packet: np.ndarray, from_node: bool, all_endpoints: bool, seed: int,
+               scheduler: str | None) -> tuple[np.void, dict, list[str]]:
+    """IPVS's virtual-server lookup and scheduling on the twin: (result, step, real servers)."""
+    twin = kernels.load("ipvs", "python")
+    services, dests = ipvs_loader.kernel_arrays(ruleset.services, ruleset.source, scheduler)
+    ipvs = twin.IPVS.from_arrays(services, dests, seed=seed)
+    results = np.zeros(1, dtype=L.IPVS_RESULT_DTYPE)
+    ipvs.process(packet, results)
+    result = results[0]
+    p = packet[0]
+    bucket = twin.svc_hashkey(int(p["proto"]), int(p["dst"]), int(p["dport"]))
+    lookup = (f"{PROTOCOL_NAMES.get(int(p['proto']), p['proto'])} "
+              f"{int_to_ip(int(p['dst']))}:{int(p['dport'])}: service bucket {bucket}, {int(result['svc_compares'])} compared")
+    s = int(result["service"])
+    if s < 0:
+        return result, _ipvs_path_step(from_node, lookup + ", no virtual service", False), []
+    table = ipvs.destinations()
+    listed = [f"{int_to_ip(int(table['addr'][d]))}:{int(table['port'][d])}" for d in ipvs.service_dests(s)]
+    name = L.IPVS_SCHEDULERS[int(services["scheduler"][s])]
+    if int(result["verdict"]) != L.IPVS_FORWARD:
+        text = f"{lookup}; {name} found no usable real server ({int(result['dests_examined'])} examined)"
+        return result, _ipvs_path_step(from_node, text, True), []
+    picked = f"{int_to_ip(int(result['dnat_ip']))}:{int(result['dnat_port'])}"
+    text = f"{lookup}; {name} picked {picked} ({int(result['dests_examined'])} examined of {len(listed)})"
+    return result, _ipvs_path_step(from_node, text, True), listed if all_endpoints else [picked]
+
+
+def _ipvs_path_step(from_node: bool, text: str, matched: bool) -> dict:
+    # IPVS hooks LOCAL_IN for arriving packets and LOCAL_OUT for the node's own.
+    hook = L.HOOK_OUTPUT if from_node else L.HOOK_INPUT
+    return {"table": "ipvs", "hook": L.HOOK_NAMES[hook], "chain": "ip_vs_service_find",
+            "rule": "virtual server", "text": text, "matched": matched}
+
+
+def _run_filter(filt: _Walker, packet: np.ndarray, from_node: bool, to_local: bool, path: list,
+                results: list, outputs: list) -> str:
+    """The filter hooks the packet meets (OUTPUT for a local sender, then INPUT for a local
+    destination or FORWARD); extends path, results and outputs; the verdict."""
+    hooks = [L.HOOK_OUTPUT] if from_node else []
+    if to_local:
+        hooks.append(L.HOOK_INPUT)
+    elif not from_node:
+        hooks.append(L.HOOK_FORWARD)
+    for hook in hooks:
+        result, steps = filt.walk(packet, hook)
+        path += steps
+        results.append(result)
+        decision = _filter_decision(result, steps)
+        if decision:
+            outputs.append(decision)
+        if result is not None and L.VERDICT_NAMES[int(result["verdict"])] in ("DROP", "REJECT"):
+            return L.VERDICT_NAMES[int(result["verdict"])]
+    return "ACCEPT"
 
 
 def format_trace(trace: dict, keep: int = 3) -> str:

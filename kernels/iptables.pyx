@@ -309,6 +309,18 @@ cdef inline bint ip_packet_match(const uint8_t *e, const packet_t *p) noexcept n
     return proto == 0 or not ((p.proto != proto) ^ inv(e, INV_PROTO))
 
 
+cdef inline bint is_local(const uint32_t *addrs, Py_ssize_t n, uint32_t addr) noexcept nogil:
+    """Binary search of the sorted local addresses."""
+    cdef Py_ssize_t low = 0, high = n, middle
+    while low < high:
+        middle = (low + high) // 2
+        if addrs[middle] < addr:
+            low = middle + 1
+        else:
+            high = middle
+    return low < n and addrs[low] == addr
+
+
 # ---- stateless matches -----------------------------------------------------------------------
 
 cdef inline bint in_range(uint16_t port, const uint8_t *m, size_t lo, bint invert) noexcept nogil:
@@ -589,7 +601,10 @@ cdef class Table:
         self.nfacct_counters = np.zeros((n_nfacct, 2), dtype=np.uint64)
         self._counters = self.counters
         self._nfacct = self.nfacct_counters
-        self.local_addrs = np.ascontiguousarray(local_addrs, dtype=np.uint32)
+        # Sorted and unique: the kernel answers "is this address local" from a routing table,
+        # not a scan, and IPVS mode binds every service VIP to the node. 0.0.0.0 keeps the array
+        # non-empty; addr_type classes it as broadcast before it searches.
+        self.local_addrs = np.unique(np.append(np.asarray(local_addrs, dtype=np.uint32), np.uint32(0)))
         self.recent = RecentLists(n_recent)
         self.rng_state = seed
         self._sets, types = table_sets(set_names, sets, hashset)
@@ -768,17 +783,13 @@ cdef class Table:
     # ---- addrtype (addrtype_mt_v1 with inet_dev_addr_type's classes) -------------------------
 
     cdef uint16_t addr_type(self, uint32_t addr) noexcept nogil:
-        cdef Py_ssize_t i
         # __inet_dev_addr_type: 0.0.0.0/8 and 255.255.255.255 are broadcast, 224/4 multicast.
         if (addr >> 24) == 0 or addr == 0xFFFFFFFFU:
             return ADDRTYPE_BROADCAST
         if (addr >> 28) == 0xE:
             return ADDRTYPE_MULTICAST
-        if (addr >> 24) == 127:
+        if (addr >> 24) == 127 or is_local(&self.local_addrs[0], self.local_addrs.shape[0], addr):
             return ADDRTYPE_LOCAL
-        for i in range(self.local_addrs.shape[0]):
-            if self.local_addrs[i] == addr:
-                return ADDRTYPE_LOCAL
         return ADDRTYPE_UNICAST
 
     cdef bint addrtype_match(self, const uint8_t *m, const packet_t *p) noexcept nogil:

@@ -109,15 +109,44 @@ def test_bench_writes_results_and_resumes(capsys, tmp_path):
     status, out, _ = run(capsys, *args)
     assert status == 0
     records = read_jsonl(tmp_path / "results.jsonl")
-    assert len(records) == 2 * 3  # two points, three workloads each
+    assert len(records) == 2 * 2 * 3  # two modes, two points each, three workloads each
+    assert {r["mode"] for r in records} == {"iptables", "ipvs"}
     assert {r["workload"] for r in records} == {"service_new", "nonservice_new", "established"}
     assert (tmp_path / "results.csv").exists() and (tmp_path / "first_packet_latency.png").exists()
     assert "services" in out
     # A rerun finds every point done and appends nothing.
     assert run(capsys, *args)[0] == 0
-    assert len(read_jsonl(tmp_path / "results.jsonl")) == 6
+    assert len(read_jsonl(tmp_path / "results.jsonl")) == 12
 
 
 def test_unknown_mode_is_refused(capsys, tmp_path):
     status, _, err = run(capsys, "bench", "--modes", "bogus", "--out", str(tmp_path), "--quiet")
     assert_one_line_error(status, err, "--modes", "bogus")
+
+
+def test_ipvs_options_are_refused_in_iptables_mode(capsys, cluster_file):
+    status, _, err = run(capsys, "rules", "iptables", "--objects", str(cluster_file), "--ipvs-scheduler", "rr")
+    assert_one_line_error(status, err, "--ipvs-scheduler", "iptables")
+
+
+def test_ipset_file_needs_ipvsadm(capsys, tmp_path, cluster_file):
+    sets = tmp_path / "sets.txt"
+    sets.write_text("")
+    status, _, err = run(capsys, "trace", "ipvs", "--objects", str(cluster_file), "--ipset", str(sets),
+                         "--src", "10.0.0.1", "--dst", "10.0.0.2", "--dport", "80")
+    assert_one_line_error(status, err, "--ipset")
+
+
+def test_malformed_ipvsadm_file_names_the_line(capsys, tmp_path):
+    saved = tmp_path / "ipvsadm.txt"
+    saved.write_text("-A -t 10.96.0.1:80 -s rr\n-a -t 10.96.0.1:80 -r 10.128.0.1:notaport -m -w 1\n")
+    status, _, err = run(capsys, "trace", "ipvs", "--ipvsadm", str(saved), "--src", "10.0.0.1",
+                         "--dst", "10.96.0.1", "--dport", "80")
+    assert_one_line_error(status, err, "ipvsadm.txt:2")
+
+
+def test_help_lists_the_ipvs_mode(capsys):
+    with pytest.raises(SystemExit):
+        main(["trace", "--help"])
+    out = capsys.readouterr().out
+    assert "ipvs" in out and "--ipvsadm" in out and "--ipvs-scheduler" in out

@@ -25,13 +25,15 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from bench.errors import InputError
 from bench.loaders import iptables
 from bench.netaddr import PROTOCOL_NAMES, PROTOCOLS, int_to_ip, ip_to_int, parse_cidr, parse_port
 from kernels import layout as L
 
 __all__ = ["RealServer", "VirtualService", "IpSet", "IpvsRuleset", "load", "load_ipvsadm",
-           "load_ipset", "dump_ipvsadm", "dump_ipset", "dump_addresses"]
+           "load_ipset", "dump_ipvsadm", "dump_ipset", "dump_addresses", "kernel_arrays"]
 
 SECTION_IPVSADM = "# kpbench: ipvsadm-save -n"
 SECTION_IPSET = "# kpbench: ipset save"
@@ -643,3 +645,26 @@ def _net(part: str, entry: str) -> tuple[int, int]:
     if prefix == 0:
         raise InputError(f"{part!r}: the kernel refuses a /0 net", field=entry)
     return net, prefix
+
+
+# ---- to the IPVS kernel ----------------------------------------------------------------------
+
+def kernel_arrays(services: list[VirtualService], source: str = "<string>",
+                  scheduler: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """IPVS_SERVICE_DTYPE and IPVS_DEST_DTYPE records for ``kernels.ipvs.IPVS.from_arrays``.
+
+    ``scheduler`` replaces every service's own (``--ipvs-scheduler``). Each service's real
+    servers are given in reverse: from_arrays puts every new destination at the list head, so
+    the kernel's list then runs in the order the text prints them. The forwarding method is
+    not kept: the kernel models masquerading (kube-proxy's only method) for every server.
+    """
+    rows, dests = [], []
+    for index, svc in enumerate(services):
+        name = scheduler or svc.scheduler
+        if name not in L.IPVS_SCHEDULERS:
+            raise InputError(f"scheduler {name!r} is not modelled (kpbench models "
+                             f"{', '.join(L.IPVS_SCHEDULERS)})", source, "-s")
+        rows.append((svc.addr, svc.port, svc.proto, L.IPVS_SCHEDULERS.index(name), svc.flags,
+                     svc.fwmark, svc.timeout, svc.netmask))
+        dests += [(index, rs.addr, rs.port, 0, rs.weight, 0, 0, 0) for rs in reversed(svc.real_servers)]
+    return (np.array(rows, dtype=L.IPVS_SERVICE_DTYPE), np.array(dests, dtype=L.IPVS_DEST_DTYPE))
