@@ -30,7 +30,7 @@ import numpy as np
 cimport cython
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memset
-from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
+from kernels.clock cimport now_ns
 
 from kernels cimport hashing
 from kernels.records cimport packet_t, result_t
@@ -58,12 +58,6 @@ cdef enum:
     TUPLE_HASHED_BYTES = 39  # offsetofend(struct nf_conntrack_tuple, dst.__nfct_hash_offsetend)
     AF_INET = 2
     V_DNAT = 3
-
-
-cdef inline int64_t now_ns() noexcept nogil:
-    cdef timespec ts
-    clock_gettime(CLOCK_MONOTONIC, &ts)
-    return ts.tv_sec * 1000000000 + ts.tv_nsec
 
 
 cdef inline void put_be32(uint8_t *p, uint32_t v) noexcept nogil:

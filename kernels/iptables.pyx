@@ -48,7 +48,7 @@ import numpy as np
 cimport cython
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memcpy, memset
-from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
+from kernels.clock cimport now_ns
 
 from cpython.ref cimport PyObject
 from libc.stdint cimport uintptr_t
@@ -274,12 +274,6 @@ cdef inline uint64_t u64_at(const void *p, size_t off) noexcept nogil:
     cdef uint64_t v
     memcpy(&v, <const char *>p + off, 8)
     return v
-
-
-cdef inline int64_t now_ns() noexcept nogil:
-    cdef timespec ts
-    clock_gettime(CLOCK_MONOTONIC, &ts)
-    return ts.tv_sec * 1000000000 + ts.tv_nsec
 
 
 # ---- ip_packet_match -------------------------------------------------------------------------

@@ -92,7 +92,7 @@ import numpy as np
 cimport cython
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memset
-from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
+from kernels.clock cimport now_ns
 
 from kernels cimport hashing
 from kernels.records cimport packet_t
@@ -319,12 +319,6 @@ def fwm_hashkey(uint32_t fwmark) -> int:
 def conn_hashkey(uint32_t caddr, uint16_t cport, uint8_t proto, uint32_t rnd, int bits) -> int:
     """ip_vs_conn_hashkey with the netns term 0: the connection-table bucket."""
     return conn_bucket(caddr, cport, proto, rnd, (1U << bits) - 1)
-
-
-cdef inline int64_t now_ns() noexcept nogil:
-    cdef timespec ts
-    clock_gettime(CLOCK_MONOTONIC, &ts)
-    return ts.tv_sec * 1000000000 + ts.tv_nsec
 
 
 cdef inline uint32_t gcd(uint32_t a, uint32_t b) noexcept nogil:

@@ -34,7 +34,7 @@ cimport cython
 from cpython.ref cimport PyObject
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t, uintptr_t
 from libc.string cimport memcmp, memset
-from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
+from kernels.clock cimport now_ns
 
 from kernels cimport hashing
 from kernels.hashset cimport HashSet
@@ -146,12 +146,6 @@ def struct_layout() -> dict:
 
 
 # ---- leaf helpers ----------------------------------------------------------------------------
-
-cdef inline int64_t now_ns() noexcept nogil:
-    cdef timespec ts
-    clock_gettime(CLOCK_MONOTONIC, &ts)
-    return ts.tv_sec * 1000000000 + ts.tv_nsec
-
 
 cdef inline uint16_t u16_at(const uint8_t *p) noexcept nogil:
     return p[0] | (<uint16_t>p[1] << 8)
