@@ -21,7 +21,7 @@ def first_packet_latency(frame: pd.DataFrame, path: Path) -> Path:
         colour, marker = MODE_STYLE.get(mode, ("#555555", "x"))
         group = group.sort_values("services")
         shade = 1.0 if endpoints == rows["endpoints"].max() else 0.55
-        label = f"{mode}, {endpoints} endpoints per service"
+        label = f"{mode}, {int(endpoints)} endpoints per service"
         ax.plot(group["services"], group["ns_p50"], marker=marker, color=colour, alpha=shade,
                 label=f"{label}, p50")
         ax.plot(group["services"], group["ns_p99"], marker=marker, color=colour, alpha=shade * 0.6,
