@@ -13,7 +13,7 @@ from pathlib import Path
 
 from bench.errors import InputError
 
-MODES = ("iptables", "ipvs")
+MODES = ("iptables", "ipvs", "nftables")
 
 
 def _add_cluster_inputs(parser: argparse.ArgumentParser, required: bool) -> None:
@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="quick: two small points per E, for CI; default: services "
                             "100..20,000 (ipvs: ..50,000) × endpoints 1, 10 (default: %(default)s)")
     bench.add_argument("--modes", nargs="+", metavar="MODE",
-                       help=f"modes to measure, of {', '.join(MODES)} (default: iptables)")
+                       help=f"modes to measure, of {', '.join(MODES)} (default: all)")
     bench.add_argument("--services", type=int, nargs="+", metavar="S", help="override the services grid")
     bench.add_argument("--endpoints", type=int, nargs="+", metavar="E",
                        help="override the endpoints-per-service grid")
@@ -82,11 +82,16 @@ def build_parser() -> argparse.ArgumentParser:
                                        "sync after the change from that cluster); for ipvs, what "
                                        "a sync leaves on the node, in marked sections: "
                                        "ipvsadm-save -n, ipset save, iptables-save and the "
-                                       "addresses of kube-ipvs0 (IPVS mode has no partial sync).")
+                                       "addresses of kube-ipvs0 (IPVS mode has no partial sync); "
+                                       "for nftables, the `nft -f` transaction of a full sync (or, "
+                                       "with --previous, the partial sync; with --listing, the "
+                                       "ruleset as `nft list ruleset` prints it).")
     rules.add_argument("mode", choices=MODES, help="the kube-proxy mode")
     _add_cluster_inputs(rules, required=True)
     rules.add_argument("--previous", metavar="FILE",
                        help="manifests of the cluster before a change: print the partial-sync payload")
+    rules.add_argument("--listing", action="store_true",
+                       help="nftables: print the synced ruleset as `nft list ruleset` shows it")
     rules.add_argument("--jump-rules", action="store_true",
                        help="include the built-in chain jump rules kube-proxy installs separately, "
                             "so the output loads whole with iptables-restore")
@@ -102,11 +107,15 @@ def build_parser() -> argparse.ArgumentParser:
                                        "then the filter chains (OUTPUT for local senders; INPUT for "
                                        "local destinations, FORWARD otherwise), then nat POSTROUTING. "
                                        "In ipvs mode IPVS runs at LOCAL_IN, after filter INPUT: the "
-                                       "virtual-server lookup and the scheduler's pick.")
+                                       "virtual-server lookup and the scheduler's pick. In nftables "
+                                       "mode the base chains of ip kube-proxy run per hook in "
+                                       "priority order (PREROUTING or OUTPUT, INPUT or FORWARD, "
+                                       "POSTROUTING); local = the --node-ip addresses only.")
     trace.add_argument("mode", choices=MODES, help="the kube-proxy mode")
     source = trace.add_mutually_exclusive_group(required=True)
     source.add_argument("--ruleset", metavar="FILE",
-                        help="iptables: iptables-save output; ipvs: the output of `kpbench rules ipvs`")
+                        help="iptables: iptables-save output; ipvs: the output of `kpbench rules ipvs`; "
+                             "nftables: `nft -f` text or `nft list ruleset` output")
     source.add_argument("--objects", metavar="FILE", help="manifests: trace the rules kube-proxy would write")
     source.add_argument("--ipvsadm", metavar="FILE",
                         help="ipvs: a node's `ipvsadm-save -n` output (with --ipset and --iptables; "
@@ -123,8 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     trace.add_argument("--dport", required=True, metavar="N", help="destination port")
     trace.add_argument("--proto", default="tcp", choices=("tcp", "udp", "sctp"), help="(default: tcp)")
     trace.add_argument("--all-endpoints", action="store_true",
-                       help="follow every statistic branch and list every reachable endpoint")
-    trace.add_argument("--seed", type=int, default=0, help="seed of the statistic match's RNG (default: 0)")
+                       help="follow every statistic branch (nftables: every numgen value) and list "
+                            "every reachable endpoint")
+    trace.add_argument("--seed", type=int, default=0, help="seed of the statistic match's (nftables: numgen's) RNG (default: 0)")
     trace.add_argument("--json", action="store_true", help="print a JSON object instead of the walk")
     _add_scheduler_option(trace)
 

@@ -73,9 +73,11 @@ def ipvs_cluster_args(args):
 def cmd_rules(args) -> int:
     if args.mode == "ipvs":
         return _rules_ipvs(args)
+    if args.mode == "nftables":
+        return _rules_nftables(args)
     from bench.proxies.iptables import WriterOptions, write_full, write_partial
 
-    _refuse(args, "iptables", {"--ipvs-scheduler": args.ipvs_scheduler is not None})
+    _refuse(args, "iptables", {"--ipvs-scheduler": args.ipvs_scheduler is not None, "--listing": args.listing})
     cluster = load_cluster_args(args.objects, args.config, args.node_ip, args)
     options = WriterOptions(include_jump_rules=args.jump_rules, service_order_seed=args.order_seed)
     if args.previous:
@@ -90,16 +92,45 @@ def cmd_rules(args) -> int:
 def _rules_ipvs(args) -> int:
     from bench.proxies.ipvs import IpvsWriterOptions, write
 
-    _refuse(args, "ipvs", {"--previous": bool(args.previous), "--order-seed": args.order_seed is not None})
+    _refuse(args, "ipvs", {"--previous": bool(args.previous), "--order-seed": args.order_seed is not None,
+                           "--listing": args.listing})
     cluster = ipvs_cluster_args(args)
     _emit(write(cluster, IpvsWriterOptions(include_jump_rules=args.jump_rules)), args.output)
     return 0
 
 
-def cmd_trace(args) -> int:
-    from bench.trace import format_trace, ipvs_ruleset_for_trace, ruleset_for_trace, trace_ipvs, trace_packet
+def _rules_nftables(args) -> int:
+    from bench.proxies.nftables import WriterOptions, write_full, write_partial, write_ruleset_listing
 
-    if args.mode == "ipvs":
+    _refuse(args, "nftables", {"--ipvs-scheduler": args.ipvs_scheduler is not None,
+                               "--jump-rules": args.jump_rules})  # the base chains are in the table
+    if args.listing and args.previous:
+        raise InputError("cannot be combined with --previous: a partial sync is a transaction, "
+                         "not a listing", "command line", "--listing")
+    cluster = load_cluster_args(args.objects, args.config, args.node_ip, args)
+    options = WriterOptions(service_order_seed=args.order_seed)
+    if args.previous:
+        previous = load_cluster_args(args.previous, args.config, args.node_ip, args)
+        text = write_partial(previous, cluster, options)
+    else:
+        text = (write_ruleset_listing if args.listing else write_full)(cluster, options)
+    _emit(text, args.output)
+    return 0
+
+
+def cmd_trace(args) -> int:
+    from bench.trace import (format_trace, ipvs_ruleset_for_trace, nftables_ruleset_for_trace,
+                             ruleset_for_trace, trace_ipvs, trace_nftables, trace_packet)
+
+    if args.mode in ("iptables", "nftables"):
+        _refuse(args, args.mode, {"--ipvsadm": bool(args.ipvsadm), "--ipset": bool(args.ipset),
+                                  "--iptables": bool(args.iptables),
+                                  "--ipvs-scheduler": args.ipvs_scheduler is not None})
+    if args.mode == "nftables":
+        ruleset, node_ips, text = nftables_ruleset_for_trace(args)
+        result = trace_nftables(ruleset, node_ips, args.src, args.dst, args.dport, args.proto,
+                                all_endpoints=args.all_endpoints, seed=args.seed, text=text)
+    elif args.mode == "ipvs":
         _refuse(args, "ipvs", {"--ipset": bool(args.ipset and not args.ipvsadm),
                                "--iptables": bool(args.iptables and not args.ipvsadm)})
         scheduler = _scheduler(args)
@@ -107,9 +138,6 @@ def cmd_trace(args) -> int:
         result = trace_ipvs(ruleset, node_ips, args.src, args.dst, args.dport, args.proto,
                             all_endpoints=args.all_endpoints, seed=args.seed, scheduler=scheduler)
     else:
-        _refuse(args, "iptables", {"--ipvsadm": bool(args.ipvsadm), "--ipset": bool(args.ipset),
-                                   "--iptables": bool(args.iptables),
-                                   "--ipvs-scheduler": args.ipvs_scheduler is not None})
         ruleset, node_ips = ruleset_for_trace(args)
         result = trace_packet(ruleset, node_ips, args.src, args.dst, args.dport, args.proto,
                               all_endpoints=args.all_endpoints, seed=args.seed)
@@ -203,7 +231,7 @@ def summary_table(frame) -> str:
         return "no points measured"
     lines = []
     for mode, rows in points.groupby("mode", sort=False):
-        lines += (_ipvs_rows if mode == "ipvs" else _iptables_rows)(rows)
+        lines += {"ipvs": _ipvs_rows, "nftables": _nftables_rows}.get(mode, _iptables_rows)(rows)
     for _, bench_row in frame[frame["kind"] == "benchmark"].iterrows():
         lines.append(_benchmark_line(bench_row))
     return "\n".join(lines)
@@ -243,6 +271,26 @@ def _ipvs_rows(points) -> list[str]:
             f"{row[('ns_p50', 'nonservice_new')]:>15,.0f} "
             f"{row[('ns_p50', 'established')]:>14,.0f} "
             f"{row[('conn_compares_mean', 'established')]:>9,.2f} "
+            f"{memory[(services, endpoints)] / 2**20:>11,.1f}")
+    return lines
+
+
+def _nftables_rows(points) -> list[str]:
+    """rules: nft rules started per packet over every hook; pre: those at PREROUTING, where
+    the service and endpoint are chosen; lookups: set and map lookups per first packet."""
+    table, memory = _pivot(points, ["ns_p50", "entries_visited_mean", "nat_entries_visited_mean",
+                                    "set_lookups_mean"])
+    lines = [f"\n{'nftables: S':>11} {'E':>3} {'new→svc p50 ns':>15} {'rules':>6} {'pre':>5} {'lookups':>8} "
+             f"{'new→pod p50 ns':>15} {'rules':>6} {'estab. p50 ns':>14} {'kernel MiB':>11}"]
+    for (services, endpoints), row in table.iterrows():
+        lines.append(
+            f"{services:>11,} {int(endpoints):>3} {row[('ns_p50', 'service_new')]:>15,.0f} "
+            f"{row[('entries_visited_mean', 'service_new')]:>6,.1f} "
+            f"{row[('nat_entries_visited_mean', 'service_new')]:>5,.1f} "
+            f"{row[('set_lookups_mean', 'service_new')]:>8,.1f} "
+            f"{row[('ns_p50', 'nonservice_new')]:>15,.0f} "
+            f"{row[('entries_visited_mean', 'nonservice_new')]:>6,.1f} "
+            f"{row[('ns_p50', 'established')]:>14,.0f} "
             f"{memory[(services, endpoints)] / 2**20:>11,.1f}")
     return lines
 

@@ -7,7 +7,8 @@ confirms the connection (two tuple entries). On a hit, NAT is applied from connt
 rule walk and only the filter table runs. Each stage is a nogil batch call that adds its own
 time per packet into one ``ns`` array, less the timer's own overhead.
 
-IPVS mode (:class:`IpvsDatapath`) is described there.
+IPVS mode (:class:`IpvsDatapath`) and nftables mode (:class:`NftablesDatapath`) are
+described there.
 """
 from __future__ import annotations
 
@@ -17,10 +18,13 @@ import numpy as np
 
 import kernels
 from bench.loaders.iptables import Ruleset
+from bench.errors import InputError
 from bench.loaders.ipvs import IpvsRuleset, kernel_arrays
+from bench.loaders.nftables import NftRuleset, Table
 from bench.netaddr import int_to_ip, ip_to_int
 from kernels import layout as L
 from kernels.ipsets import build_sets
+from kernels.nftblob import CompiledNft, compile_table
 
 LOOPBACK_NET, LOOPBACK_MASK = 0x7F000000, 0xFF000000
 
@@ -58,8 +62,7 @@ class IptablesDatapath:
         self.timer_overhead = int(iptables.timer_overhead_ns())
 
     def is_local(self, addresses: np.ndarray) -> np.ndarray:
-        loopback = (addresses & LOOPBACK_MASK) == LOOPBACK_NET
-        return loopback | np.isin(addresses, self.local)
+        return is_local(addresses, self.local)
 
     def _walk(self, table, packets: np.ndarray, hook: int, ns: np.ndarray) -> np.ndarray:
         results = np.zeros(len(packets), dtype=L.RESULT_DTYPE)
@@ -88,14 +91,7 @@ class IptablesDatapath:
         replay connections pass the post-NAT packets from the first pass).
         """
         n = len(packets)
-        ns = np.zeros(n, dtype=np.int64)
-        found = np.zeros(n, dtype=np.uint8)
-        compares = np.zeros(n, dtype=np.uint32)
-        lookup_ns = np.zeros(n, dtype=np.int64)
-        self.conntrack.lookup(packets, found, compares, lookup_ns)
-        ns += np.maximum(lookup_ns - self.timer_overhead, 0)
-        compares = compares.astype(np.int64)
-
+        found, compares, ns = conntrack_lookup(self.conntrack, packets, self.timer_overhead)
         new = np.flatnonzero(found == 0)
         nat = np.zeros(n, dtype=L.RESULT_DTYPE)
         after = packets.copy() if established_after_nat is None else established_after_nat.copy()
@@ -150,13 +146,7 @@ class IpvsDatapath:
     def process(self, packets: np.ndarray) -> IpvsPathResult:
         """Send a batch through the path (first and later packets may be mixed)."""
         n = len(packets)
-        ns = np.zeros(n, dtype=np.int64)
-        found = np.zeros(n, dtype=np.uint8)
-        compares = np.zeros(n, dtype=np.uint32)
-        lookup_ns = np.zeros(n, dtype=np.int64)
-        self.conntrack.lookup(packets, found, compares, lookup_ns)
-        ns += np.maximum(lookup_ns - self.rules.timer_overhead, 0)
-        compares = compares.astype(np.int64)
+        found, compares, ns = conntrack_lookup(self.conntrack, packets, self.rules.timer_overhead)
         new = found == 0
 
         nat = np.zeros(n, dtype=L.RESULT_DTYPE)
@@ -222,12 +212,119 @@ def kernel_sets(ruleset: IpvsRuleset, backend: str | None, seed: int) -> dict:
 
 def _as_dnat(ipvs: np.ndarray) -> np.ndarray:
     """IPVS's forwarding as the DNAT conntrack records for the connection's reply tuple."""
-    nat = np.zeros(len(ipvs), dtype=L.RESULT_DTYPE)
     forwarded = ipvs["verdict"] == L.IPVS_FORWARD
-    nat["verdict"] = np.where(forwarded, L.V_DNAT, L.V_ACCEPT)
-    nat["dnat_ip"] = ipvs["dnat_ip"]
-    nat["dnat_port"] = ipvs["dnat_port"]
+    return _nat_result(np.where(forwarded, L.V_DNAT, L.V_ACCEPT), ipvs["dnat_ip"], ipvs["dnat_port"])
+
+
+def as_nat_result(nft: np.ndarray) -> np.ndarray:
+    """nftables results as the RESULT_DTYPE records conntrack's confirm reads."""
+    return _nat_result(nft["verdict"], nft["dnat_ip"], nft["dnat_port"])
+
+
+def _nat_result(verdict: np.ndarray, dnat_ip: np.ndarray, dnat_port: np.ndarray) -> np.ndarray:
+    nat = np.zeros(len(verdict), dtype=L.RESULT_DTYPE)
+    nat["verdict"], nat["dnat_ip"], nat["dnat_port"] = verdict, dnat_ip, dnat_port
     return nat
+
+
+class NftablesDatapath:
+    """nftables mode: conntrack and kube-proxy's ``ip kube-proxy`` table, one kernel Ruleset.
+
+    The Ruleset runs every base chain of a hook in priority order and consults nat chains only
+    for first packets (kernel-internals §3.1, §3.5, §4.3). A first packet: conntrack misses;
+    PREROUTING runs filter-prerouting-pre-dnat (-110, the firewall check) then nat-prerouting
+    (-100, services → service chain → numgen → endpoint chain → dnat); the DNAT is applied;
+    filter INPUT (local destination) or FORWARD runs the endpoint and ClusterIP checks;
+    POSTROUTING runs nat-postrouting (masquerading); conntrack confirms. A later packet:
+    conntrack hits, the filter base chains still run but their ``ct state new`` gates fail, and
+    no nat chain runs. A packet dropped or rejected at PREROUTING goes no further.
+    """
+
+    def __init__(self, ruleset: NftRuleset, node_ips: list[str], seed: int = 0,
+                 backend: str | None = None, conntrack_buckets: int = 262144,
+                 compiled: CompiledNft | None = None):
+        """``compiled``: the ruleset's table already compiled with ``seed`` (saves compiling
+        a large table twice)."""
+        conntrack = kernels.load("conntrack", backend)
+        self.local = np.array(sorted(ip_to_int(ip) for ip in node_ips), dtype=np.uint32)
+        compiled = compiled or compile_table(kube_proxy_table(ruleset), seed)
+        self.table = kernels.load("nftables", backend).Ruleset(compiled, self.local, seed=seed)
+        self.conntrack = conntrack.ConntrackTable(buckets=conntrack_buckets, seed=seed)
+        # The nftables kernel has no timer probe of its own; both kernels read the same clock.
+        self.timer_overhead = int(kernels.load("iptables", backend).timer_overhead_ns())
+
+    def _hook(self, packets: np.ndarray, chosen: np.ndarray, hook: int, ns: np.ndarray) -> np.ndarray:
+        """The hook's base chains for the chosen packets; zero results for the others."""
+        results = np.zeros(len(packets), dtype=L.NFT_RESULT_DTYPE)
+        index = np.flatnonzero(chosen)
+        if index.size:
+            part = np.zeros(index.size, dtype=L.NFT_RESULT_DTYPE)
+            part_ns = np.zeros(index.size, dtype=np.int64)
+            self.table.run(packets[index], hook, part, part_ns)
+            results[index] = part
+            ns[index] += np.maximum(part_ns - self.timer_overhead, 0)
+        return results
+
+    def process(self, packets: np.ndarray, established_after_nat: np.ndarray | None = None) -> NftPathResult:
+        """Send a batch through the path (``established_after_nat`` as for IptablesDatapath)."""
+        n = len(packets)
+        found, compares, ns = conntrack_lookup(self.conntrack, packets, self.timer_overhead)
+        new = found == 0
+        everyone = np.ones(n, dtype=bool)
+        pre = self._hook(packets, everyone, L.HOOK_PREROUTING, ns)
+        passed = ~np.isin(pre["verdict"], (L.V_DROP, L.V_REJECT))
+        after = packets.copy() if established_after_nat is None else established_after_nat.copy()
+        after[new] = apply_nat(packets[new], pre[new])
+
+        local = is_local(after["dst"], self.local)
+        filt = self._hook(after, passed & local, L.HOOK_INPUT, ns)
+        forward = passed & ~local
+        filt[forward] = self._hook(after, forward, L.HOOK_FORWARD, ns)[forward]
+        passed &= ~np.isin(filt["verdict"], (L.V_DROP, L.V_REJECT))
+        post = self._hook(after, new & passed, L.HOOK_POSTROUTING, ns)
+        confirmed = np.flatnonzero(new & passed)
+        if confirmed.size:
+            compares[confirmed] += confirm(self.conntrack, packets[confirmed], as_nat_result(pre[confirmed]))
+        visited = sum(r["entries_visited"].astype(np.int64) for r in (pre, filt, post))
+        return NftPathResult(ns, found == 1, pre, visited, pre["entries_visited"].astype(np.int64),
+                             after, compares, filt, post)
+
+
+@dataclass
+class NftPathResult(PathResult):
+    """``nat`` holds the PREROUTING walk (filter-prerouting-pre-dnat, then nat-prerouting for
+    first packets), NFT_RESULT_DTYPE like the two below."""
+
+    filter: np.ndarray  # INPUT or FORWARD (zeros where the packet was dropped before)
+    postrouting: np.ndarray  # nat-postrouting (zeros for later packets)
+
+    def total(self, counter: str) -> np.ndarray:
+        """One work counter summed over the three hooks, per packet."""
+        return sum(r[counter].astype(np.int64) for r in (self.nat, self.filter, self.postrouting))
+
+
+def kube_proxy_table(ruleset: NftRuleset) -> Table:
+    """The ``ip kube-proxy`` table: the one kube-proxy programs, and the one modelled."""
+    try:
+        return ruleset.table()
+    except KeyError:
+        raise InputError("has no table ip kube-proxy", ruleset.source) from None
+
+
+def is_local(addresses: np.ndarray, local: np.ndarray) -> np.ndarray:
+    """The node's own addresses and 127.0.0.0/8: packets to them take INPUT."""
+    loopback = (addresses & LOOPBACK_MASK) == LOOPBACK_NET
+    return loopback | np.isin(addresses, local)
+
+
+def conntrack_lookup(conntrack, packets: np.ndarray, timer_overhead: int):
+    """Every packet's conntrack lookup: (found, entries compared, ns) per packet."""
+    n = len(packets)
+    found = np.zeros(n, dtype=np.uint8)
+    compares = np.zeros(n, dtype=np.uint32)
+    ns = np.zeros(n, dtype=np.int64)
+    conntrack.lookup(packets, found, compares, ns)
+    return found, compares.astype(np.int64), np.maximum(ns - timer_overhead, 0)
 
 
 def confirm(conntrack, packets: np.ndarray, nat: np.ndarray) -> np.ndarray:

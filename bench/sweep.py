@@ -13,6 +13,13 @@ V/512 with V virtual services (256 fixed chains). :func:`ipvs_connection_scaling
 connection table's growth, connections/8192 per established packet, at up to 1,000,000
 connections (the default profile; 100,000 in quick): with no rule set involved it takes a few
 seconds, so the largest size stays in.
+
+nftables-mode points record the nft work per packet (rules started over all hooks, those at
+PREROUTING, expressions, set lookups, …), memory, the full sync's write, load and compile
+seconds, and the partial syncs of bench/costs/nftables.py. The default profile stops at
+20,000 services for nftables: a 50,000-service point spends about 45 s writing, loading and
+compiling the table (and twice more compiling the partial syncs), which would break the
+profile's five-minute budget; the first-packet rule count is flat long before that.
 """
 from __future__ import annotations
 
@@ -31,11 +38,13 @@ from bench.cluster.generate import generate
 from bench.cluster.model import service_ports
 from bench.costs import iptables as iptables_costs
 from bench.costs import ipvs as ipvs_costs
+from bench.costs import nftables as nftables_costs
 from bench.errors import InputError
 from bench.loaders import ipvs as ipvs_loader
 from bench.loaders.iptables import load
-from bench.measure import IpvsDatapath, IptablesDatapath, latency_summary
+from bench.measure import IpvsDatapath, IptablesDatapath, NftablesDatapath, latency_summary
 from bench.proxies import ipvs as ipvs_writer
+from bench.proxies import nftables as nftables_writer
 from bench.proxies.iptables import WriterOptions, rule_counts, write_full
 from bench.results import ResultsWriter, read_jsonl
 from bench.workload import EPHEMERAL_LOW, established, pod_connections, service_connections
@@ -192,7 +201,32 @@ def distinct_clients(packets: np.ndarray) -> np.ndarray:
     return packets
 
 
-MEASURE = {"iptables": measure_iptables, "ipvs": measure_ipvs}
+def measure_nftables(point: Point) -> list[dict]:
+    cluster = generate(point.services, point.endpoints, point.nodes, seed=point.seed, mix=point.mix)
+    options = nftables_writer.WriterOptions(service_order_seed=point.seed)
+    ruleset, compiled, full_sync = nftables_costs.full_sync(cluster, options, seed=point.seed)
+    datapath = NftablesDatapath(ruleset, cluster.config.node_ips, seed=point.seed, compiled=compiled)
+
+    to_service = service_connections(cluster, service_ports(cluster), point.packets, seed=point.seed)
+    first = datapath.process(to_service)
+    to_pods = datapath.process(pod_connections(cluster, point.packets, seed=point.seed + 1))
+    later = datapath.process(established(to_service), established(first.after_nat))
+
+    common = {
+        "kind": "point", "point_id": point.point_id, **asdict(point),
+        "rules": ruleset.stats(),
+        **nftables_costs.memory(datapath),
+        **full_sync,
+        **nftables_costs.measure_updates(cluster, ruleset, options),
+    }
+    # entries_visited counts every hook's rules, as iptables' counts both tables;
+    # nat_entries_visited is the PREROUTING hook, where the service is chosen.
+    return [{**common, "workload": name, **_path_record(result),
+             **{f"{counter}_mean": float(result.total(counter).mean()) for counter in L.NFT_WORK_COUNTERS}}
+            for name, result in (("service_new", first), ("nonservice_new", to_pods), ("established", later))]
+
+
+MEASURE = {"iptables": measure_iptables, "ipvs": measure_ipvs, "nftables": measure_nftables}
 MODES = tuple(MEASURE)
 
 

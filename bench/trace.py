@@ -18,17 +18,24 @@ virtual-server lookup (bucket, entries compared) and the scheduler's pick. ``out
 real server reached ("" when the packet is not for a virtual service, "REJECT" when the virtual
 service has no usable real server: IPVS answers ICMP port unreachable); with ``all_endpoints``
 every real server of the virtual service, in the kernel's list order.
+
+nftables mode (:func:`trace_nftables`) runs the twin of the nftables kernel over the
+``ip kube-proxy`` table, one hook at a time, each hook's base chains in priority order; its
+steps name the chain, the rule's handle (its index in the chain) and the rule's source text.
 """
 from __future__ import annotations
+
+import re
 
 import numpy as np
 
 import kernels
 from bench.errors import read_input
 from bench.loaders import ipvs as ipvs_loader
+from bench.loaders import nftables as nft_loader
 from bench.loaders.iptables import Ruleset, load, load_file
 from bench.netaddr import PROTOCOL_NAMES, PROTOCOLS, int_to_ip, ip_to_int, parse_port
-from bench.measure import apply_nat, kernel_sets
+from bench.measure import apply_nat, kernel_sets, kube_proxy_table
 from kernels import layout as L
 
 KUBE_FILTER_CHAINS = ("KUBE-SERVICES", "KUBE-EXTERNAL-SERVICES", "KUBE-NODEPORTS", "KUBE-PROXY-FIREWALL",
@@ -93,30 +100,34 @@ class _Walker:
                 "text": entry.text, "matched": bool(matched)}
 
 
-def _all_branches(walker: _Walker, packet: np.ndarray, hook: int):
-    """Every walk the statistic matches allow, in rule order (depth first, "yes" first)."""
+def _all_branches(walk, choices):
+    """Every walk the random choices allow, depth first, each choice's options in order.
+
+    ``walk(decide)`` runs one walk, calling ``decide(arg)`` at each random choice;
+    ``choices(arg)`` lists that choice's options (the first is taken, the rest queued)."""
     pending = [()]
     while pending:
         prefix = pending.pop()
         decisions = list(prefix)
         position = 0
 
-        def decide(_offset):
+        def decide(arg):
             nonlocal position
             if position == len(decisions):
-                pending.append(tuple(decisions) + (False,))
-                decisions.append(True)
+                first, *others = choices(arg)
+                pending.extend(tuple(decisions) + (other,) for other in reversed(others))
+                decisions.append(first)
             choice = decisions[position]
             position += 1
             return choice
 
-        yield walker.walk(packet, hook, decide)
+        yield walk(decide)
         if len(pending) > MAX_PATHS:
             break
 
 
-def _counters(results) -> dict:
-    return {name: int(sum(int(r[name]) for r in results if r is not None)) for name in L.WORK_COUNTERS}
+def _counters(results, names=L.WORK_COUNTERS) -> dict:
+    return {name: int(sum(int(r[name]) for r in results if r is not None)) for name in names}
 
 
 def _filter_decision(result, steps) -> str | None:
@@ -140,14 +151,11 @@ def trace_packet(ruleset: Ruleset, node_ips: list[str], src: str, dst: str, dpor
     from_node = is_local(int(packet["src"][0]))
     nat_hook = L.HOOK_OUTPUT if from_node else L.HOOK_PREROUTING
 
-    walks = list(_all_branches(nat, packet, nat_hook)) if all_endpoints else [nat.walk(packet, nat_hook)]
-    destinations = []
-    for result, _ in walks:
-        if result is not None and int(result["verdict"]) == L.V_DNAT:
-            target = f"{int_to_ip(int(result['dnat_ip']))}:{int(result['dnat_port'])}"
-            if target not in destinations:
-                destinations.append(target)
-    masquerade = any(s["chain"] == "KUBE-MARK-MASQ" for _, steps in walks for s in steps)
+    walk = lambda decide=None: nat.walk(packet, nat_hook, decide)  # noqa: E731
+    # A statistic match is a yes/no choice, yes first.
+    walks = list(_all_branches(walk, lambda _offset: (True, False))) if all_endpoints else [walk()]
+    destinations = _destinations(walks)
+    masquerade = _marked(walks, "KUBE-MARK-MASQ")
     nat_result, path = walks[0]
 
     after = apply_nat(packet, np.array([nat_result], dtype=L.RESULT_DTYPE)) if nat_result is not None else packet
@@ -167,6 +175,22 @@ def trace_packet(ruleset: Ruleset, node_ips: list[str], src: str, dst: str, dpor
         "path": path,
         "counters": _counters(results),
     }
+
+
+def _destinations(walks) -> list[str]:
+    """The distinct DNAT destinations the walks reached, in walk order."""
+    destinations = []
+    for result, _ in walks:
+        if result is not None and int(result["verdict"]) == L.V_DNAT:
+            target = f"{int_to_ip(int(result['dnat_ip']))}:{int(result['dnat_port'])}"
+            if target not in destinations:
+                destinations.append(target)
+    return destinations
+
+
+def _marked(walks, mark_chain: str) -> bool:
+    """Whether a followed walk entered the chain that marks packets for masquerade."""
+    return any(step["chain"] == mark_chain for _, steps in walks for step in steps)
 
 
 def ipvs_ruleset_for_trace(args) -> tuple[ipvs_loader.IpvsRuleset, list[str]]:
@@ -247,6 +271,106 @@ def trace_ipvs(ruleset: ipvs_loader.IpvsRuleset, node_ips: list[str], src: str, 
         "endpoints": endpoints,
         "path": path,
         "counters": {**_counters(results), **ipvs_counters},
+    }
+
+
+def nftables_ruleset_for_trace(args) -> tuple[nft_loader.NftRuleset, list[str], str]:
+    """The nftables ruleset named on the command line (``nft -f`` text or ``nft list ruleset``
+    output), the node's addresses, and the text the ruleset was read from."""
+    if args.ruleset:
+        _check_node_ips(args.node_ip)
+        text = read_input(args.ruleset, "an nft ruleset")
+        return nft_loader.load(text, args.ruleset), list(args.node_ip), text
+    from bench.commands import load_cluster_args
+    from bench.proxies.nftables import write_full
+
+    cluster = load_cluster_args(args.objects, args.config, args.node_ip)
+    text = write_full(cluster)
+    return nft_loader.load(text, f"rules for {args.objects}"), list(cluster.config.node_ips), text
+
+
+class _NftWalker:
+    """Runs hooks of the ``ip kube-proxy`` table through the twin and turns its trace into steps."""
+
+    def __init__(self, ruleset: nft_loader.NftRuleset, local: np.ndarray, seed: int, text: str):
+        self.table = kube_proxy_table(ruleset)
+        self.name = f"{self.table.family} {self.table.name}"
+        self.kernel = kernels.load("nftables", "python").Ruleset.from_table(self.table, local, seed)
+        self.lines = text.splitlines()
+
+    def walk(self, packet: np.ndarray, hook: int, decide=None):
+        """(result, steps) of every base chain on ``hook``."""
+        trace: list = []
+        result = self.kernel.walk_one(packet[0], hook, trace=trace, decide=decide)
+        return result, [self._step(hook, *entry) for entry in trace]
+
+    def _step(self, hook: int, chain: int, handle: int, outcome: int) -> dict:
+        name = self.kernel.compiled.chain_names[chain]
+        rule = self.table.chains[name].rules[handle]
+        return {"table": self.name, "hook": L.HOOK_NAMES[hook], "chain": name, "rule": handle,
+                "text": self._text(rule), "matched": outcome != L.NFT_V_BREAK}
+
+    def _text(self, rule: nft_loader.Rule) -> str:
+        """The rule as its source line has it (the AST keeps the line, not the text), without
+        the ``add rule FAMILY TABLE CHAIN`` of the transaction form or nft -a's handle."""
+        if not 0 < rule.line <= len(self.lines):
+            return " ".join(type(op).__name__.lower() for op in rule.exprs)
+        line = _HANDLE_NOTE.sub("", self.lines[rule.line - 1].strip())
+        words = line.split(None, 5)
+        return words[5] if words[0] in ("add", "insert") and len(words) == 6 else line
+
+
+_HANDLE_NOTE = re.compile(r"\s*# handle \d+$")
+
+
+def _nft_verdict(result) -> str:
+    verdict = L.VERDICT_NAMES[int(result["verdict"])]
+    return verdict if verdict in ("DROP", "REJECT") else "ACCEPT"
+
+
+def trace_nftables(ruleset: nft_loader.NftRuleset, node_ips: list[str], src: str, dst: str, dport,
+                   proto: str = "tcp", all_endpoints: bool = False, seed: int = 0, text: str = "") -> dict:
+    """One NEW packet through kube-proxy's nftables table, hook by hook, as the kernel runs
+    the base chains: PREROUTING (OUTPUT for the node's own packets), the DNAT applied, INPUT
+    for a node address or FORWARD, then POSTROUTING. Local means the node IPs only, as for
+    ``fib … type local`` and kube-proxy's nftables tracer. ``output``: the DNAT destinations
+    (with ``all_endpoints`` every endpoint chain numgen's vmap can pick, in map order), then a
+    DROP or REJECT reached in the table. ``text``: what the ruleset was loaded from (the
+    steps' rule text)."""
+    packet = make_packet(src, dst, dport, proto)
+    local = np.array(sorted(ip_to_int(ip) for ip in node_ips), dtype=np.uint32)
+    walker = _NftWalker(ruleset, local, seed, text)
+    from_node = int(packet["src"][0]) in local
+    first_hook = L.HOOK_OUTPUT if from_node else L.HOOK_PREROUTING
+    walk = lambda decide=None: walker.walk(packet, first_hook, decide)  # noqa: E731
+    # numgen random mod N: each of its N values, in order.
+    walks = list(_all_branches(walk, range)) if all_endpoints else [walk()]
+    result, path = walks[0]
+    destinations = _destinations(walks)
+    results, outputs = [result], list(destinations)
+    verdict = _nft_verdict(result)
+    after = apply_nat(packet, np.array([result]))
+    to_local = int(after["dst"][0]) in local
+    # The node's own packets met filter-output at OUTPUT already; INPUT follows if they stay local.
+    hooks = [L.HOOK_INPUT] if to_local else [] if from_node else [L.HOOK_FORWARD]
+    for hook in hooks + [L.HOOK_POSTROUTING]:
+        if verdict != "ACCEPT":
+            break
+        result, steps = walker.walk(after, hook)
+        path += steps
+        results.append(result)
+        verdict = _nft_verdict(result)
+    if verdict != "ACCEPT":
+        outputs.append(verdict)
+    return {
+        "packet": {"src": src, "dst": dst, "dport": int(packet["dport"][0]), "proto": proto,
+                   "locally_generated": bool(from_node)},
+        "output": ", ".join(outputs),
+        "masquerade": _marked(walks, "mark-for-masquerade"),
+        "verdict": verdict,
+        "endpoints": destinations,
+        "path": path,
+        "counters": _counters(results, L.NFT_WORK_COUNTERS),
     }
 
 

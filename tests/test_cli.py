@@ -109,14 +109,14 @@ def test_bench_writes_results_and_resumes(capsys, tmp_path):
     status, out, _ = run(capsys, *args)
     assert status == 0
     records = read_jsonl(tmp_path / "results.jsonl")
-    assert len(records) == 2 * 2 * 3  # two modes, two points each, three workloads each
-    assert {r["mode"] for r in records} == {"iptables", "ipvs"}
+    assert len(records) == 3 * 2 * 3  # three modes, two points each, three workloads each
+    assert {r["mode"] for r in records} == {"iptables", "ipvs", "nftables"}
     assert {r["workload"] for r in records} == {"service_new", "nonservice_new", "established"}
     assert (tmp_path / "results.csv").exists() and (tmp_path / "first_packet_latency.png").exists()
     assert "services" in out
     # A rerun finds every point done and appends nothing.
     assert run(capsys, *args)[0] == 0
-    assert len(read_jsonl(tmp_path / "results.jsonl")) == 12
+    assert len(read_jsonl(tmp_path / "results.jsonl")) == 18
 
 
 def test_unknown_mode_is_refused(capsys, tmp_path):
@@ -143,6 +143,24 @@ def test_malformed_ipvsadm_file_names_the_line(capsys, tmp_path):
     status, _, err = run(capsys, "trace", "ipvs", "--ipvsadm", str(saved), "--src", "10.0.0.1",
                          "--dst", "10.96.0.1", "--dport", "80")
     assert_one_line_error(status, err, "ipvsadm.txt:2")
+
+
+def test_help_lists_the_nftables_mode(capsys):
+    with pytest.raises(SystemExit):
+        main(["rules", "--help"])
+    out = capsys.readouterr().out
+    assert "nftables" in out and "--listing" in out
+
+
+def test_listing_is_an_nftables_option(capsys, cluster_file):
+    status, _, err = run(capsys, "rules", "iptables", "--objects", str(cluster_file), "--listing")
+    assert_one_line_error(status, err, "--listing", "iptables")
+
+
+def test_listing_and_previous_do_not_combine(capsys, cluster_file):
+    status, _, err = run(capsys, "rules", "nftables", "--objects", str(cluster_file), "--listing",
+                         "--previous", str(cluster_file))
+    assert_one_line_error(status, err, "--listing", "--previous")
 
 
 def test_help_lists_the_ipvs_mode(capsys):

@@ -1,0 +1,338 @@
+"""nftables mode end to end: the node's data path, the cost model, the tracer and the command line.
+
+The tracer cases are kube-proxy's nftables packet-flow cases (kube-proxy-rules.md §c, §d) on a
+hand-built cluster (node1 192.168.0.2, cluster CIDR 10.0.0.0/8, ServiceCIDR 172.30.0.0/16);
+the data path runs on seeded generated clusters through both backends.
+"""
+import json
+import re
+
+import numpy as np
+import pytest
+
+from bench.cli import main
+from bench.cluster.generate import generate
+from bench.cluster.model import (Cluster, Endpoint, EndpointPort, EndpointSlice, Node, ProxyConfig,
+                                 Service, ServicePort, service_ports)
+from bench.costs import nftables as nft_costs
+from bench.errors import InputError
+from bench.loaders.nftables import load
+from bench.measure import NftablesDatapath
+from bench.proxies.nftables import WriterOptions, write_full, write_ruleset_listing
+from bench.results import read_jsonl
+from bench.trace import trace_nftables
+from bench.workload import established, pod_connections, service_connections
+from kernels import layout as L
+from tests.conftest import compiled_available
+
+NODE_IP = "192.168.0.2"
+OPTIONS = WriterOptions(service_cidrs=("172.30.0.0/16",))
+
+
+# --- the tracer on kube-proxy's packet-flow cases -----------------------------------------------
+
+def _service(name, cluster_ip, kind="ClusterIP", node_port=0, **fields):
+    return Service("ns1", name, kind, cluster_ip, [ServicePort("p80", "tcp", 80, 80, node_port)], **fields)
+
+
+def _slice(service_name, *addresses):
+    return EndpointSlice("ns1", f"{service_name}-abc", service_name, [EndpointPort("p80", "tcp", 8080)],
+                         [Endpoint(address, "node2") for address in addresses])
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    services = [
+        _service("web", "172.30.0.10"),
+        _service("np", "172.30.0.11", "NodePort", 30001),
+        _service("lb", "172.30.0.12", "LoadBalancer", 30002, load_balancer_ips=["1.2.3.4"],
+                 load_balancer_source_ranges=["203.0.113.0/24"]),
+        _service("empty", "172.30.0.13"),
+    ]
+    slices = [_slice("web", "10.180.0.1", "10.180.0.2"), _slice("np", "10.180.1.1"),
+              _slice("lb", "10.180.2.1")]
+    return Cluster(services, slices, [Node("node1", [NODE_IP]), Node("node2", ["192.168.0.3"])],
+                   ProxyConfig(mode="nftables", cluster_cidr="10.0.0.0/8", node_ips=[NODE_IP]),
+                   node_name="node1")
+
+
+@pytest.fixture(scope="module", params=["transaction", "listing"])
+def traced(request, cluster):
+    """The same ruleset read from both text forms: (ruleset, text)."""
+    text = (write_full if request.param == "transaction" else write_ruleset_listing)(cluster, OPTIONS)
+    return load(text, request.param), text
+
+
+def _trace(traced, src, dst, dport, **options):
+    ruleset, text = traced
+    return trace_nftables(ruleset, [NODE_IP], src, dst, dport, text=text, **options)
+
+
+def test_cluster_ip_reaches_both_endpoints_in_map_order(traced):
+    result = _trace(traced, "10.180.9.9", "172.30.0.10", 80, all_endpoints=True)
+    assert (result["output"], result["masquerade"]) == ("10.180.0.1:8080, 10.180.0.2:8080", False)
+    assert result["verdict"] == "ACCEPT" and result["counters"]["rng_draws"] == 1
+    hooks = [step["hook"] for step in result["path"]]
+    assert hooks.index("PREROUTING") < hooks.index("FORWARD") < hooks.index("POSTROUTING")
+    dnat = next(step for step in result["path"] if "dnat to" in step["text"])
+    assert dnat["matched"] and dnat["table"] == "ip kube-proxy"
+    assert dnat["text"] == "meta l4proto tcp dnat to 10.180.0.1:8080"
+
+
+def test_one_pick_without_all_endpoints(traced):
+    result = _trace(traced, "10.180.9.9", "172.30.0.10", 80)
+    assert result["output"] in ("10.180.0.1:8080", "10.180.0.2:8080")
+
+
+def test_hairpin_is_masqueraded(traced):
+    result = _trace(traced, "10.180.1.1", "172.30.0.11", 80)
+    assert (result["output"], result["masquerade"]) == ("10.180.1.1:8080", True)
+    assert any(s["chain"] == "mark-for-masquerade" for s in result["path"])
+
+
+def test_node_port(traced):
+    result = _trace(traced, "203.0.113.7", NODE_IP, 30001)
+    assert (result["output"], result["masquerade"]) == ("10.180.1.1:8080", True)
+    assert any(s["chain"].startswith("external-") and s["matched"] for s in result["path"])
+
+
+def test_load_balancer_source_ranges(traced):
+    allowed = _trace(traced, "203.0.113.7", "1.2.3.4", 80)
+    assert (allowed["output"], allowed["verdict"]) == ("10.180.2.1:8080", "ACCEPT")
+    dropped = _trace(traced, "198.51.100.1", "1.2.3.4", 80)
+    assert (dropped["output"], dropped["verdict"], dropped["masquerade"]) == ("DROP", "DROP", False)
+    assert dropped["path"][-1]["chain"].startswith("firewall-") and dropped["path"][-1]["matched"]
+    assert {s["hook"] for s in dropped["path"]} == {"PREROUTING"}  # dropped before nat-prerouting
+
+
+def test_service_without_endpoints_is_rejected(traced):
+    result = _trace(traced, "10.180.9.9", "172.30.0.13", 80)
+    assert (result["output"], result["verdict"]) == ("REJECT", "REJECT")
+    assert result["path"][-1]["chain"] == "reject-chain"
+
+
+def test_wrong_port_on_a_cluster_ip_is_rejected(traced):
+    result = _trace(traced, "10.180.9.9", "172.30.0.10", 81)
+    assert (result["output"], result["verdict"]) == ("REJECT", "REJECT")
+    assert result["path"][-1]["chain"] == "cluster-ips-check"
+
+
+def test_unallocated_address_in_the_service_cidr_is_dropped(traced):
+    result = _trace(traced, "10.180.9.9", "172.30.9.9", 80)
+    assert (result["output"], result["verdict"]) == ("DROP", "DROP")
+
+
+def test_non_service_packet_passes_untouched(traced):
+    result = _trace(traced, "10.180.9.9", "10.180.0.1", 8080)
+    assert (result["output"], result["verdict"], result["masquerade"]) == ("", "ACCEPT", False)
+    assert result["endpoints"] == []
+
+
+def test_a_ruleset_without_kube_proxys_table_is_refused():
+    ruleset = load("add table ip filter\n", "other")
+    with pytest.raises(InputError, match="ip kube-proxy"):
+        trace_nftables(ruleset, [NODE_IP], "10.0.0.1", "10.0.0.2", 80)
+
+
+# --- the data path ----------------------------------------------------------------------------
+
+def _generated(services):
+    cluster = generate(services, 2, 4, seed=7, mix="clusterip")
+    return cluster, load(write_full(cluster), f"{services} services")
+
+
+@pytest.fixture(scope="module")
+def small():
+    return _generated(100)
+
+
+def test_first_packets_are_dnated_and_established_ones_skip_nat(small, backend):
+    cluster, ruleset = small
+    path = NftablesDatapath(ruleset, cluster.config.node_ips, seed=3, backend=backend)
+    syns = service_connections(cluster, service_ports(cluster), 300, seed=1)
+    first = path.process(syns)
+    assert not first.conntrack_hit.any() and (first.nat["verdict"] == L.V_DNAT).all()
+    endpoints = {ep.ip for s in cluster.slices for ep in s.endpoints}
+    assert {a for a in map(_ip, first.after_nat["dst"])} <= endpoints
+    assert (first.postrouting["entries_visited"] > 0).all()  # nat-postrouting ran
+    assert path.conntrack.n_connections == 300
+
+    later = path.process(established(syns), established(first.after_nat))
+    assert later.conntrack_hit.all()
+    # Only the filter base chains' ct-state gates: one rule at PREROUTING, two at FORWARD.
+    table = ruleset.table()
+    gates = len(table.chains["filter-prerouting-pre-dnat"].rules) + len(table.chains["filter-forward"].rules)
+    assert (later.entries_visited == gates).all()
+    assert (later.total("set_lookups") == 0).all() and (later.total("jumps") == 0).all()
+    assert (later.postrouting["entries_visited"] == 0).all()
+
+
+def test_non_service_packets_fall_through(small, backend):
+    cluster, ruleset = small
+    path = NftablesDatapath(ruleset, cluster.config.node_ips, seed=3, backend=backend)
+    result = path.process(pod_connections(cluster, 200, seed=2))
+    assert (result.nat["verdict"] == L.V_ACCEPT).all() and (result.filter["verdict"] == L.V_ACCEPT).all()
+    assert (result.after_nat["dst"] == pod_connections(cluster, 200, seed=2)["dst"]).all()
+    assert path.conntrack.n_connections == 200
+
+
+def _first_packet_work(services, backend):
+    cluster, ruleset = _generated(services)
+    path = NftablesDatapath(ruleset, cluster.config.node_ips, seed=5, backend=backend)
+    result = path.process(service_connections(cluster, service_ports(cluster), 400, seed=2))
+    return (float(result.entries_visited.mean()), float(result.nat_entries_visited.mean()),
+            float(result.total("set_lookups").mean()))
+
+
+def test_rules_visited_stay_flat_as_services_grow(backend):
+    few, many = _first_packet_work(100, backend), _first_packet_work(2000, backend)
+    assert abs(few[0] - many[0]) < 0.2 and abs(few[2] - many[2]) < 0.2, (few, many)
+    assert 6 <= many[1] <= 9  # kernel-internals §3.5: ~6 rules choose service and endpoint
+
+
+def test_backends_agree(small):
+    if not compiled_available():
+        pytest.skip("compiled kernels not built")
+    cluster, ruleset = small
+    syns = service_connections(cluster, service_ports(cluster), 200, seed=4)
+    outcomes = []
+    for backend in ("cython", "python"):
+        path = NftablesDatapath(ruleset, cluster.config.node_ips, seed=5, backend=backend)
+        first = path.process(syns)
+        later = path.process(established(syns), established(first.after_nat))
+        outcomes.append((first.nat.tobytes(), first.filter.tobytes(), first.postrouting.tobytes(),
+                         later.nat.tobytes(), first.conntrack_compares.tolist()))
+    assert outcomes[0] == outcomes[1]
+
+
+def _ip(value):
+    return ".".join(str(int(value) >> shift & 255) for shift in (24, 16, 8, 0))
+
+
+# --- the cost model -----------------------------------------------------------------------------
+
+def test_memory_is_the_kernel_models(small, backend):
+    cluster, ruleset = small
+    path = NftablesDatapath(ruleset, cluster.config.node_ips, seed=3, backend=backend)
+    memory = nft_costs.memory(path)
+    assert memory["kernel_bytes"] == path.table.modelled_bytes() + path.conntrack.modelled_bytes()
+    assert memory["model_bytes"] == path.table.model_bytes() + path.conntrack.model_bytes()
+
+
+def test_an_update_costs_the_changed_objects_not_the_ruleset():
+    costs = []
+    for services in (50, 400):
+        cluster = generate(services, 2, 4, seed=7, mix="clusterip")
+        ruleset, _, full = nft_costs.full_sync(cluster)
+        costs.append((full["sync_full_operations"], nft_costs.measure_updates(cluster, ruleset)))
+    (small_full, small), (large_full, large) = costs
+    assert large_full > 6 * small_full
+    for change in ("endpoint_change", "service_add"):
+        assert small[f"{change}_operations"] == large[f"{change}_operations"]
+    # One endpoint of a two-endpoint service moved: the service's chain and its two endpoint
+    # chains are rewritten (add, flush, two rules each) and the old endpoint chain flushed.
+    assert small["endpoint_change_operations"] == {"add_chain": 3, "flush_chain": 4, "add_rule": 6}
+    assert small["service_add_operations"]["add_element"] == 2  # cluster-ips and service-ips
+
+
+def test_a_changed_cluster_still_routes_the_new_endpoint():
+    cluster = generate(20, 2, 4, seed=7, mix="clusterip")
+    moved = nft_costs.moved_endpoint(cluster)
+    ruleset, _, _ = nft_costs.full_sync(moved)
+    assert nft_costs.NEW_POD_IP in write_full(moved) and ruleset.table()
+
+
+# --- the command line -----------------------------------------------------------------------------
+
+def run(capsys, *argv):
+    status = main(list(argv))
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def _one_line(status, err, *fragments):
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert status == 2 and len(lines) == 1 and "Traceback" not in err, err
+    assert all(fragment in lines[0] for fragment in fragments), lines[0]
+
+
+@pytest.fixture
+def cluster_files(tmp_path, capsys):
+    """Manifests of a cluster and of the same cluster with one more service."""
+    paths = []
+    for services in (3, 4):
+        path = tmp_path / f"cluster{services}.yaml"
+        assert run(capsys, "cluster", "--services", str(services), "--endpoints", "2", "--nodes", "2",
+                   "--mix", "clusterip", "-o", str(path))[0] == 0
+        paths.append(path)
+    return paths
+
+
+def test_cli_rules_nftables_forms(capsys, tmp_path, cluster_files):
+    before, after = cluster_files
+    status, full, _ = run(capsys, "rules", "nftables", "--objects", str(after))
+    assert status == 0 and full.startswith("add table ip kube-proxy")
+    status, listing, _ = run(capsys, "rules", "nftables", "--objects", str(after), "--listing")
+    assert status == 0 and listing.startswith("table ip kube-proxy {")
+    assert load(full, "full").stats() == load(listing, "listing").stats()
+    status, partial, _ = run(capsys, "rules", "nftables", "--objects", str(after), "--previous", str(before))
+    assert status == 0 and "add table" not in partial and "add element ip kube-proxy service-ips" in partial
+    assert len(partial.splitlines()) < len(full.splitlines()) / 2
+    applied = load(partial, "partial", base=load(write_full_of(before, capsys), "before"))
+    assert applied.table().sets["service-ips"].elements == load(full, "full").table().sets["service-ips"].elements
+
+
+def write_full_of(path, capsys):
+    status, out, _ = run(capsys, "rules", "nftables", "--objects", str(path))
+    assert status == 0
+    return out
+
+
+def test_cli_trace_nftables_json(capsys, tmp_path, cluster_files):
+    listing = tmp_path / "ruleset.nft"
+    assert run(capsys, "rules", "nftables", "--objects", str(cluster_files[0]), "--listing",
+               "-o", str(listing))[0] == 0
+    vip, port = re.search(r"([0-9.]+) \. tcp \. ([0-9]+) : goto service-", listing.read_text()).groups()
+    for source in (["--ruleset", str(listing)], ["--objects", str(cluster_files[0])]):
+        status, out, _ = run(capsys, "trace", "nftables", *source, "--src", "10.128.0.9", "--dst", vip,
+                             "--dport", port, "--all-endpoints", "--json")
+        assert status == 0
+        result = json.loads(out)
+        assert set(result) >= {"packet", "output", "masquerade", "verdict", "endpoints", "path", "counters"}
+        assert len(result["endpoints"]) == 2 and result["verdict"] == "ACCEPT"
+        assert set(result["counters"]) == set(L.NFT_WORK_COUNTERS)
+        assert {"table", "hook", "chain", "rule", "text", "matched"} <= set(result["path"][0])
+    status, out, _ = run(capsys, "trace", "nftables", "--ruleset", str(listing), "--src", "10.128.0.9",
+                         "--dst", vip, "--dport", port)
+    assert status == 0 and "ip kube-proxy services  (hook PREROUTING)" in out
+
+
+def test_cli_malformed_nft_text_is_one_line(capsys, tmp_path):
+    bad = tmp_path / "bad.nft"
+    bad.write_text("add table ip kube-proxy\nadd chain ip kube-proxy services\n"
+                   "add rule ip kube-proxy services ip daddr 10.0.0.1 frobnicate\n")
+    status, _, err = run(capsys, "trace", "nftables", "--ruleset", str(bad), "--src", "10.0.0.2",
+                         "--dst", "10.0.0.1", "--dport", "80")
+    _one_line(status, err, "bad.nft:3")
+
+
+def test_cli_nftables_refuses_other_modes_options(capsys, cluster_files):
+    status, _, err = run(capsys, "rules", "nftables", "--objects", str(cluster_files[0]), "--ipvs-scheduler", "rr")
+    _one_line(status, err, "--ipvs-scheduler", "nftables")
+
+
+def test_cli_bench_nftables_writes_records(capsys, tmp_path):
+    status, out, _ = run(capsys, "bench", "--modes", "nftables", "--services", "30", "--endpoints", "2",
+                         "--nodes", "3", "--packets", "200", "--out", str(tmp_path), "--no-benchmarks", "--quiet")
+    assert status == 0
+    records = read_jsonl(tmp_path / "results.jsonl")
+    by_workload = {r["workload"]: r for r in records}
+    assert set(by_workload) == {"service_new", "nonservice_new", "established"}
+    assert all(r["mode"] == "nftables" and r["kernel_bytes"] > r["model_bytes"] > 0 for r in records)
+    assert 6 <= by_workload["service_new"]["nat_entries_visited_mean"] <= 9
+    assert by_workload["service_new"]["set_lookups_mean"] > by_workload["established"]["set_lookups_mean"] == 0
+    assert by_workload["established"]["conntrack_hit_fraction"] == 1
+    assert by_workload["service_new"]["endpoint_change_operations_total"] > 0
+    assert by_workload["service_new"]["sync_full_operations"] > by_workload["service_new"]["service_add_operations_total"]
+    assert "nftables" in out and "lookups" in out
+    assert np.isfinite(by_workload["service_new"]["sync_full_proxy_rules_duration_seconds"])
