@@ -7,35 +7,42 @@ from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 
 @cython.final
 cdef class HashSet:
+    # What a lookup reads comes first, so that it shares the object's first cache lines: the
+    # memoryview structs below are ~200 bytes each. The raw pointers alias their data.
     cdef int _policy
-    cdef uint64_t rng_state
-    cdef uint32_t hash_seed  # ipset: initval; rhash: the current bucket table's hash_rnd
+    cdef uint32_t hash_seed  # ipset: initval; rhash: the current bucket table's hash_rnd; hash*: seed
     cdef uint32_t mask
+    cdef readonly int key_len
+    cdef readonly int net_offset
+    cdef readonly uint32_t n_buckets
+    cdef readonly int64_t hash_computations
+    cdef readonly int64_t bucket_entries_compared
+    cdef int32_t *heads_p  # _heads
+    cdef int32_t *next_p  # _next
+    cdef uint8_t *keys_p  # _keys (rows of KEY_BYTES)
+    cdef uint32_t *values_p  # _values
+    cdef uint64_t rng_state
     # element pool: key bytes, values, chain link (rhash) or free-list link
     cdef uint8_t[:, ::1] _keys
     cdef uint32_t[::1] _values
     cdef int32_t[::1] _next
     cdef int32_t free_slot
     cdef int32_t used_slots
-    # rhash chains
+    # rhash / hash / hash_fast chains
     cdef int32_t[::1] _heads
     # ipset buckets: slot arrays of bucketsize, their used length and allocated size
     cdef int32_t[::1] _slots
     cdef uint8_t[::1] _pos
     cdef uint8_t[::1] _size
     cdef int64_t[33] nets  # elements per prefix length (hash:*,net)
-    cdef readonly int key_len
     cdef readonly str policy
-    cdef readonly int net_offset
     cdef readonly int cidr_offset
     cdef readonly int data_len
     cdef readonly int bucketsize
     cdef readonly int htable_bits  # ipset only
     cdef readonly uint32_t maxelem
-    cdef readonly uint32_t n_buckets
+    cdef readonly uint32_t size  # hash / hash_fast: the declared set size
     cdef readonly int64_t n_elements
-    cdef readonly int64_t hash_computations
-    cdef readonly int64_t bucket_entries_compared
     cdef readonly int64_t resizes
     cdef readonly int64_t rehash_moves
     cdef object _key_pool  # the numpy arrays behind _keys and _values, kept to grow them
@@ -64,6 +71,7 @@ cdef class HashSet:
     cdef bint ipset_delete(self, const uint8_t *key)
     cdef void ipset_tidy_bucket(self, uint32_t b)
     cdef bint rhash_add(self, const uint8_t *key, uint32_t value)
+    cdef bint hash_add(self, const uint8_t *key, uint32_t value)
     cdef void rhash_resize(self, uint32_t size)
     cdef bint rhash_delete(self, const uint8_t *key)
 

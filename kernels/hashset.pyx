@@ -1,9 +1,9 @@
 """Hash sets and maps keyed by fixed-width byte keys: ipset's hash types, nftables' rhash, and
-ipset's bitmap:port (kernel-internals §2.6, §3.2, §3.3, §6.4).
+ipset's bitmap:port (kernel-internals §2.6, §3.2, §3.3, §3.4, §6.4).
 
 ``HashSet(key_len, policy)`` stores keys of ``key_len`` (1..16) bytes, each with an optional u32
 value, and is built by kernels.layout's packers (ipset_key_*, nft_key_addr_proto_port), which
-lay keys out in the kernel's byte order. Two bucket policies, both the kernel's:
+lay keys out in the kernel's byte order. Bucket policies, all the kernel's:
 
 * ``"ipset"`` (net/netfilter/ipset/ip_set_hash_gen.h). Bucket = ``jhash2(key words, initval) &
   (2^htable_bits - 1)`` with ``initval = get_random_u32()`` at create (jhash2 over whole words
@@ -31,6 +31,14 @@ lay keys out in the kernel's byte order. Two bucket policies, both the kernel's:
   order (rhashtable_rehash_chain). The kernel migrates inside the worker while lookups also
   check the new table; here a resize completes at once. Chains longer than 16
   (RHT_ELASTICITY) would trigger a same-size rehash in the kernel: not modelled.
+* ``"hash_fast"`` and ``"hash"`` (nft_set_hash.c's nft_hash_fast / nft_hash, the backends nft
+  picks for a set with a declared ``size``: hash_fast for 4-byte keys, hash otherwise; numgen's
+  anonymous verdict maps, kernel-internals §3.3-§3.4). ``size`` is required. A fixed table of
+  ``nft_hash_buckets(size) = roundup_pow_of_two(size * 4 / 3)`` chains and one seed drawn at
+  create, never resized. Bucket = ``reciprocal_scale(jhash_1word(key as a u32, seed), buckets)``
+  (hash_fast) or ``reciprocal_scale(jhash(key, key_len, seed), buckets)`` (hash). An insert
+  walks the chain for the key (-EEXIST), then adds at the head; a set holding ``size`` elements
+  refuses further adds (-ENFILE).
 
 Counters: ``hash_computations`` and ``bucket_entries_compared`` count lookups, inserts and
 deletes (every used slot or chain entry whose key is compared); ``lookup`` also returns the
@@ -53,10 +61,10 @@ from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memcmp, memcpy
 
 from kernels cimport hashing
-from kernels.layout import kmalloc_size
+from kernels.layout import NFT_HASH_ELEM_BYTES, kmalloc_size
 
 MAX_KEY_LEN = KEY_BYTES
-POLICIES = ("ipset", "rhash")
+POLICIES = ("ipset", "rhash", "hash_fast", "hash")
 
 # ipset (ip_set_hash_gen.h)
 IPSET_DEFAULT_HASHSIZE = 1024
@@ -82,6 +90,8 @@ BITMAP_PORT_BYTES = 72  # struct bitmap_port
 cdef enum:
     POLICY_IPSET = 0
     POLICY_RHASH = 1
+    POLICY_HASH_FAST = 2
+    POLICY_HASH = 3
     KEY_BYTES = 16  # MAX_KEY_LEN: the widest key (nft concatenations of up to 4 words)
     AHASH_INIT_SIZE = 2
     MAX_HTABLE_BITS = 31
@@ -101,6 +111,11 @@ cdef inline void mask_network(uint8_t *key, int offset, int cidr) noexcept nogil
     cdef int j
     for j in range(4):
         key[offset + j] &= <uint8_t>(mask >> (24 - 8 * j))
+
+
+def nft_hash_buckets(uint32_t size) -> int:
+    """nft_hash_buckets(): the fixed bucket count of a hash / hash_fast set of ``size``."""
+    return roundup_pow_of_two(<uint64_t>size * 4 // 3)
 
 
 def ipset_htable_bits(uint32_t hashsize) -> int:
@@ -132,13 +147,17 @@ cdef class HashSet:
     def __init__(self, int key_len, str policy="ipset", uint64_t seed=0,
                  uint32_t hashsize=IPSET_DEFAULT_HASHSIZE, uint32_t maxelem=IPSET_DEFAULT_MAXELEM,
                  int bucketsize=AHASH_MAX_SIZE, uint32_t nelem_hint=NFT_RHASH_ELEMENT_HINT,
-                 int net_offset=-1, int cidr_offset=-1, int data_len=0):
+                 int net_offset=-1, int cidr_offset=-1, int data_len=0, uint32_t size=0):
         if not 1 <= key_len <= MAX_KEY_LEN:
             raise ValueError(f"key_len must be 1..{MAX_KEY_LEN}")
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}")
         if (net_offset >= 0) != (cidr_offset >= 0) or net_offset + 4 > key_len or cidr_offset >= key_len:
             raise ValueError("net_offset and cidr_offset must both lie inside the key, or both be -1")
+        if policy in ("hash_fast", "hash") and size == 0:
+            raise ValueError(f"{policy} needs a size (nft_hash*_estimate rejects size 0)")
+        if policy == "hash_fast" and key_len != 4:
+            raise ValueError("hash_fast takes 4-byte keys only")
         self.key_len = key_len
         self.policy = policy
         self._policy = POLICIES.index(policy)
@@ -153,9 +172,13 @@ cdef class HashSet:
         self.free_slot = -1
         self._arrays = {}
         self._set_pool(INITIAL_ELEMENTS)
+        self.size = size
         if self._policy == POLICY_IPSET:
             self.hash_seed = hashing.rng_u32(&self.rng_state)
             self._set_ipset_table(ipset_htable_bits(hashsize))
+        elif self._policy != POLICY_RHASH:
+            # nft_hash_init: one seed, nft_hash_buckets(size) chains, never resized.
+            self._set_rhash_table(nft_hash_buckets(size))
         else:
             self._set_rhash_table(rhash_initial_size(nelem_hint))
 
@@ -172,6 +195,7 @@ cdef class HashSet:
             links[:old] = self._next
         self._key_pool, self._value_pool = keys, values
         self._keys, self._values, self._next = keys, values, links
+        self.keys_p, self.values_p, self.next_p = &self._keys[0, 0], &self._values[0], &self._next[0]
         self._arrays.update(keys=keys, values=values, links=links)
 
     cdef void _set_ipset_table(self, int bits):
@@ -191,6 +215,7 @@ cdef class HashSet:
         self.mask = size - 1
         heads = np.full(size, -1, dtype=np.int32)
         self._heads = heads
+        self.heads_p = &self._heads[0]
         self._arrays["heads"] = heads
 
     cdef int32_t new_element(self, const uint8_t *key, uint32_t value):
@@ -216,22 +241,28 @@ cdef class HashSet:
     # ---- hashing and scanning --------------------------------------------------------------
 
     cdef uint32_t bucket_of(self, const uint8_t *key) noexcept nogil:
+        if self._policy == POLICY_HASH_FAST:  # nft_hash_fast_lookup
+            return hashing.reciprocal_scale(hashing.jhash_1word(hashing.load_le32(key), self.hash_seed),
+                                            self.n_buckets)
+        if self._policy == POLICY_HASH:  # nft_hash_lookup
+            return hashing.reciprocal_scale(hashing.jhash(key, self.key_len, self.hash_seed),
+                                            self.n_buckets)
         return hashing.jhash(key, self.key_len, self.hash_seed) & self.mask
 
     cdef bint same_key(self, int32_t e, const uint8_t *key) noexcept nogil:
-        return memcmp(&self._keys[e, 0], key, self.key_len) == 0
+        return memcmp(self.keys_p + <Py_ssize_t>e * KEY_BYTES, key, self.key_len) == 0
 
     cdef int32_t scan_bucket(self, uint32_t b, const uint8_t *key, uint32_t *compares) noexcept nogil:
         """The element holding ``key`` in bucket ``b``, or -1; counts the keys compared."""
         cdef int32_t e
         cdef Py_ssize_t i, base = <Py_ssize_t>b * self.bucketsize
-        if self._policy == POLICY_RHASH:
-            e = self._heads[b]
+        if self._policy != POLICY_IPSET:  # rhash, hash_fast, hash: chains
+            e = self.heads_p[b]
             while e >= 0:
                 compares[0] += 1
                 if self.same_key(e, key):
                     return e
-                e = self._next[e]
+                e = self.next_p[e]
             return -1
         for i in range(self._pos[b]):
             e = self._slots[base + i]
@@ -352,12 +383,14 @@ cdef class HashSet:
     cdef bint add_one(self, const uint8_t *key, uint32_t value):
         if self._policy == POLICY_IPSET:
             return self.ipset_add(key, value)
-        return self.rhash_add(key, value)
+        if self._policy == POLICY_RHASH:
+            return self.rhash_add(key, value)
+        return self.hash_add(key, value)
 
     cdef bint delete_one(self, const uint8_t *key):
         if self._policy == POLICY_IPSET:
             return self.ipset_delete(key)
-        return self.rhash_delete(key)
+        return self.rhash_delete(key)  # the same chain unlink for hash and hash_fast
 
     cdef bint ipset_add(self, const uint8_t *key, uint32_t value):
         cdef uint32_t b, compares
@@ -481,6 +514,20 @@ cdef class HashSet:
         self._heads[b] = e
         return True
 
+    cdef bint hash_add(self, const uint8_t *key, uint32_t value):
+        """nft_hash_insert: -EEXIST after a walk of the chain, else hlist_add_head_rcu. A set
+        already holding ``size`` elements refuses the add (-ENFILE); the table never resizes."""
+        cdef uint32_t compares = 0
+        cdef int32_t found = self.find_exact(key, &compares)
+        self.bucket_entries_compared += compares
+        if found >= 0 or self.n_elements >= self.size:
+            return False
+        cdef uint32_t b = self.bucket_of(key)
+        cdef int32_t e = self.new_element(key, value)
+        self._next[e] = self._heads[b]
+        self._heads[b] = e
+        return True
+
     cdef void rhash_resize(self, uint32_t size):
         """A new bucket table (new hash_rnd); each old chain moves tail first, buckets in order."""
         old_heads_array = np.asarray(self._heads)
@@ -532,7 +579,12 @@ cdef class HashSet:
         and per non-empty bucket an hbucket header plus its allocated slots of ``key_len``
         bytes (the element struct, no extensions). rhash: the bucket table (8 B per bucket) and
         per element nft_rhash_elem + key (4-byte aligned) + ``data_len`` (16 for a verdict map).
+        hash / hash_fast: 8 B per bucket (they live in the nft_set's private area) and per element
+        nft_hash_elem (32 B) + key (4-byte aligned) + ``data_len``.
         """
+        if self._policy == POLICY_HASH_FAST or self._policy == POLICY_HASH:
+            element = kmalloc_size(NFT_HASH_ELEM_BYTES + (self.key_len + 3) // 4 * 4 + self.data_len)
+            return 8 * self.n_buckets + self.n_elements * element
         if self._policy == POLICY_RHASH:
             element = kmalloc_size(NFT_RHASH_ELEM_BYTES + (self.key_len + 3) // 4 * 4 + self.data_len)
             return kmalloc_size(BUCKET_TABLE_BYTES + 8 * self.n_buckets) + self.n_elements * element

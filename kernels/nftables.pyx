@@ -18,8 +18,9 @@ Named sets are kernels.hashset HashSet(policy="rhash") looked up through its C e
 ``lookup_one`` without the GIL; a dynamic set with a timeout stores each element's expiry
 (packet time + timeout, seconds) as its value and a lookup misses an expired element
 (nft_rhash_cmp). Adding a new element to a dynamic set takes the GIL (HashSet's insert may
-grow its arrays), as the kernel's dynset allocates. Anonymous maps are hash_fast / hash laid
-out by nftblob; numgen is ``reciprocal_scale(rng_u32, mod) + offset``. ``fib … type local``
+grow its arrays), as the kernel's dynset allocates. Anonymous maps are HashSet(policy=
+"hash_fast") (4-byte keys, numgen's) or "hash", laid out by nftblob.anon_map_sets and looked up
+through the same ``lookup_one``; numgen is ``reciprocal_scale(rng_u32, mod) + offset``. ``fib … type local``
 is true for ``local_addrs`` only: 127.0.0.0/8 is not local here, the convention of kube-proxy's
 packet-flow tracer (its rules exclude 127.0.0.0/8 explicitly anyway).
 
@@ -33,7 +34,7 @@ import numpy as np
 cimport cython
 from cpython.ref cimport PyObject
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t, uintptr_t
-from libc.string cimport memcmp, memset
+from libc.string cimport memset
 from kernels.clock cimport now_ns
 
 from kernels cimport hashing
@@ -41,7 +42,7 @@ from kernels.hashset cimport HashSet
 from kernels.records cimport packet_t
 from kernels import hashset
 from kernels import layout as L
-from kernels.nftblob import compile_table, compiled_bytes, modelled_bytes
+from kernels.nftblob import anon_map_sets, compile_table, compiled_bytes, modelled_bytes
 
 # C-level copies of kernels/layout.py; tests check LAYOUT_CONSTANTS against it.
 cdef enum:
@@ -190,14 +191,6 @@ cdef class Ruleset:
     cdef const int32_t[::1] base_chain
     cdef const uint8_t[::1] base_policy
     cdef const uint8_t[::1] base_nat
-    cdef const int32_t[::1] hmap_klen
-    cdef const uint32_t[::1] hmap_seed
-    cdef const uint32_t[::1] hmap_nbuckets
-    cdef const int32_t[::1] hmap_head_base
-    cdef const int32_t[::1] hmap_heads
-    cdef const uint8_t[:, ::1] hmap_keys
-    cdef const uint32_t[::1] hmap_values
-    cdef const int32_t[::1] hmap_next
     cdef const int32_t[::1] range_base
     cdef const int32_t[::1] range_count
     cdef const uint32_t[::1] range_lo
@@ -205,18 +198,17 @@ cdef class Ruleset:
     cdef const uint32_t[::1] local_addrs
     # the named sets (kept alive here) and their addresses for the nogil walk
     cdef uintptr_t[::1] _set_addrs
+    cdef uintptr_t[::1] _hmap_addrs  # the anonymous maps' HashSets, likewise
     cdef uint64_t rng_state
     cdef readonly object compiled
     cdef readonly list sets
+    cdef readonly list hmaps
 
     def __init__(self, compiled, local_addrs=(), uint64_t seed=0):
         c = self.compiled = compiled
         self.blob, self.chain_offset = c.blob, c.chain_offset
         self.base_hook, self.base_chain = c.base_hook, c.base_chain
         self.base_policy, self.base_nat = c.base_policy, c.base_nat
-        self.hmap_klen, self.hmap_seed, self.hmap_nbuckets = c.hmap_klen, c.hmap_seed, c.hmap_nbuckets
-        self.hmap_head_base, self.hmap_heads, self.hmap_next = c.hmap_head_base, c.hmap_heads, c.hmap_next
-        self.hmap_keys, self.hmap_values = c.hmap_keys, c.hmap_values
         self.range_base, self.range_count = c.range_base, c.range_count
         self.range_lo, self.range_hi = c.range_lo, c.range_hi
         self.local_addrs = np.ascontiguousarray(local_addrs, dtype=np.uint32)
@@ -231,6 +223,8 @@ cdef class Ruleset:
                 hs.insert(s.keys, values)
             self.sets.append(hs)
         self._set_addrs = np.array([<uintptr_t><PyObject *>hs for hs in self.sets] or [0], dtype=np.uintp)
+        self.hmaps = anon_map_sets(c, hashset.HashSet)
+        self._hmap_addrs = np.array([<uintptr_t><PyObject *>hs for hs in self.hmaps] or [0], dtype=np.uintp)
 
     @classmethod
     def from_table(cls, table, local_addrs=(), uint64_t seed=0):
@@ -426,20 +420,14 @@ cdef class Ruleset:
 
     cdef uint32_t hmap_lookup(self, const uint8_t *key, uint8_t length, uint32_t m,
                               nft_result_t *r) noexcept nogil:
-        # nft_hash_fast_lookup (4-byte keys) / nft_hash_lookup: reciprocal_scale for the bucket.
-        cdef uint32_t h
-        if length == 4:
-            h = hashing.jhash_1word(hashing.load_le32(key), self.hmap_seed[m])
-        else:
-            h = hashing.jhash(key, length, self.hmap_seed[m])
-        cdef int32_t e = self.hmap_heads[self.hmap_head_base[m] + hashing.reciprocal_scale(h, self.hmap_nbuckets[m])]
+        # nft_hash_fast_lookup (4-byte keys) / nft_hash_lookup, through HashSet's C entry point.
+        cdef uint32_t compares = 0
+        cdef int32_t e = (<HashSet><PyObject *>self._hmap_addrs[m]).lookup_one(key, &compares)
         r.set_lookups += 1
-        while e >= 0:
-            r.bucket_entries_compared += 1
-            if memcmp(&self.hmap_keys[e, 0], key, length) == 0:
-                return self.hmap_values[e]
-            e = self.hmap_next[e]
-        return V_BREAK
+        r.bucket_entries_compared += compares
+        if e < 0:
+            return V_BREAK
+        return (<HashSet><PyObject *>self._hmap_addrs[m]).values_p[e]
 
     cdef bint in_ranges(self, uint32_t value, uint32_t s, nft_result_t *r) noexcept nogil:
         cdef int32_t i, first = self.range_base[s]
@@ -454,8 +442,8 @@ cdef class Ruleset:
 
     def modelled_bytes(self) -> int:
         """Kernel memory (see kernels.nftblob.modelled_bytes)."""
-        return modelled_bytes(self.compiled, self.sets)
+        return modelled_bytes(self.compiled, self.sets + self.hmaps)
 
     def model_bytes(self) -> int:
         """Bytes of this model's own tables: the blob, the compiled arrays and the sets."""
-        return compiled_bytes(self.compiled) + sum(hs.model_bytes() for hs in self.sets)
+        return compiled_bytes(self.compiled) + sum(hs.model_bytes() for hs in self.sets + self.hmaps)

@@ -13,11 +13,12 @@ is for iptables (kernel-internals §3.1, §6.4). :func:`compile_table` returns a
 * ``sets``: the named sets and maps (``NamedSet``): 4-, 8- or 12-byte keys in the kernel's byte
   order. The kernel gives them rhash (no ``size``, no interval, kernel-internals §3.3); each
   backend builds them with its own HashSet(policy="rhash").
-* ``hmaps``: the anonymous maps (numgen's and ``… vmap { … }``). nft passes their element
-  count as the set size, so the kernel picks hash_fast (4-byte key) or hash: fixed
-  ``roundup_pow_of_two(N·4/3)`` buckets, bucket = ``reciprocal_scale(hash, buckets)``, new
-  elements at the chain head. HashSet has no such policy (it does ipset and rhash), so the
-  chains are laid out here once, as flat arrays, and both backends walk them.
+* ``hmaps``: the anonymous maps (numgen's and ``… vmap { … }``, ``AnonMap``). nft passes their
+  element count as the set size, so the kernel picks hash_fast (4-byte key) or hash (§3.3-§3.4):
+  fixed ``roundup_pow_of_two(N·4/3)`` buckets, bucket = ``reciprocal_scale(hash, buckets)``, new
+  elements at the chain head. :func:`anon_map_sets` lays each out as a HashSet of that policy
+  (``size`` = N, elements inserted in definition order); each backend passes its own HashSet
+  class, as for the named sets.
 * ``ranges``: anonymous sets of addresses, prefixes, protocols or ports (``{ 10.0.0.0/8, … }``,
   a lone prefix compiles to a masked cmp instead), as inclusive [lo, hi] pairs scanned in order.
 
@@ -40,7 +41,7 @@ import numpy as np
 from bench.loaders import nftables as ast
 from kernels import layout as L
 from kernels.layout import kmalloc_size
-from kernels.reference.hashing import SplitMix64, jhash, jhash_1word, reciprocal_scale
+from kernels.reference.hashing import SplitMix64
 
 _HEADER = struct.Struct("<HBxI")
 _OP = struct.Struct("<BBBBIII")
@@ -71,6 +72,31 @@ class NamedSet:
 
 
 @dataclass
+class AnonMap:
+    key_len: int
+    seed: int  # u64 state of the HashSet's RNG; its first u32 is nft_hash_init's seed
+    keys: np.ndarray  # uint8 [n, key_len], in definition order
+    values: np.ndarray  # uint32 [n]: verdicts
+
+    @property
+    def policy(self) -> str:
+        """nft_select_set_ops with a declared size: hash_fast for 4-byte keys, else hash."""
+        return "hash_fast" if self.key_len == 4 else "hash"
+
+
+def anon_map_sets(c: "CompiledNft", hashset_class) -> list:
+    """The anonymous maps as ``hashset_class`` objects (kernels.hashset or its reference twin)."""
+    out = []
+    for m in c.hmaps:
+        hs = hashset_class(m.key_len, m.policy, seed=m.seed, size=max(len(m.keys), 1),
+                           data_len=L.NFT_VERDICT_DATA_BYTES)
+        if len(m.keys):
+            hs.insert(m.keys, m.values)
+        out.append(hs)
+    return out
+
+
+@dataclass
 class CompiledNft:
     blob: np.ndarray  # uint8
     chain_names: list[str]
@@ -81,15 +107,7 @@ class CompiledNft:
     base_nat: np.ndarray  # uint8: 1 for a nat chain (first packets only)
     base_priority: np.ndarray  # int32
     sets: list[NamedSet]
-    hmap_klen: np.ndarray  # int32 per anonymous map
-    hmap_seed: np.ndarray  # uint32
-    hmap_nbuckets: np.ndarray  # uint32
-    hmap_head_base: np.ndarray  # int32: where its buckets start in hmap_heads
-    hmap_first: np.ndarray  # int32: its first element (a map's elements are consecutive)
-    hmap_heads: np.ndarray  # int32: first element per bucket, -1 empty
-    hmap_keys: np.ndarray  # uint8 [elements, 16]
-    hmap_values: np.ndarray  # uint32
-    hmap_next: np.ndarray  # int32
+    hmaps: list[AnonMap]
     range_base: np.ndarray  # int32 per anonymous set: first pair in range_lo/hi
     range_count: np.ndarray  # int32
     range_lo: np.ndarray  # uint32
@@ -116,7 +134,7 @@ class _Compiler:
         self.chain_names = list(table.chains)
         self.chain_ids = {name: i for i, name in enumerate(self.chain_names)}
         self.set_ids = {name: i for i, name in enumerate(table.sets)}
-        self.hmaps: list[tuple[int, int, int, list[tuple[bytes, int]]]] = []
+        self.hmaps: list[AnonMap] = []
         self.ranges: list[list[tuple[int, int]]] = []
         self.rule_exprs: list[list[int]] = []
 
@@ -134,7 +152,7 @@ class _Compiler:
         return CompiledNft(np.frombuffer(bytes(blob), dtype=np.uint8).copy(), self.chain_names,
                            np.array(offsets, dtype=np.int32), *self.base_chains(),
                            [self.named_set(s) for s in self.table.sets.values()],
-                           *self.hmap_arrays(), *self.range_arrays(), self.rule_exprs)
+                           self.hmaps, *self.range_arrays(), self.rule_exprs)
 
     # ---- base chains -----------------------------------------------------------------------
 
@@ -242,32 +260,11 @@ class _Compiler:
     # ---- anonymous maps (hash_fast / hash) and sets (ranges) -------------------------------
 
     def hmap_lookup(self, elements: dict, klen: int, selectors) -> tuple:
-        seed = self.rng.u32()
-        nbuckets = _roundup_pow_of_two(len(elements) * 4 // 3)
         items = [(_key_bytes(k, selectors), self.verdict(v)) for k, v in elements.items()]
-        self.hmaps.append((klen, seed, nbuckets, items))
+        keys = np.frombuffer(b"".join(k for k, _ in items), dtype=np.uint8).reshape(len(items), klen).copy()
+        self.hmaps.append(AnonMap(klen, self.rng.next_u64(), keys,
+                                  np.array([v for _, v in items], dtype=np.uint32)))
         return _op(L.NFT_OP_HMAP_VMAP, 0, klen, 0, a=len(self.hmaps) - 1)
-
-    def hmap_arrays(self) -> tuple:
-        heads, keys, values, nexts, bases, firsts = [], [], [], [], [], []
-        for klen, seed, nbuckets, items in self.hmaps:
-            bases.append(len(heads))
-            firsts.append(len(keys))
-            chains = [-1] * nbuckets
-            for key, value in items:  # nft_hash_insert: hlist_add_head_rcu
-                b = hmap_bucket(key, klen, seed, nbuckets)
-                nexts.append(chains[b])
-                chains[b] = len(keys)
-                keys.append(key.ljust(16, b"\0"))
-                values.append(value)
-            heads += chains
-        return (np.array([m[0] for m in self.hmaps], dtype=np.int32),
-                np.array([m[1] for m in self.hmaps], dtype=np.uint32),
-                np.array([m[2] for m in self.hmaps], dtype=np.uint32),
-                np.array(bases, dtype=np.int32), np.array(firsts, dtype=np.int32),
-                np.array(heads, dtype=np.int32),
-                np.frombuffer(b"".join(keys), dtype=np.uint8).reshape(len(keys), 16).copy(),
-                np.array(values, dtype=np.uint32), np.array(nexts, dtype=np.int32))
 
     def range_arrays(self) -> tuple:
         counts = [len(items) for items in self.ranges]
@@ -285,12 +282,6 @@ class _Compiler:
         return NamedSet(s.name, klen, s.data_type == "verdict", s.timeout or 0,
                         np.frombuffer(b"".join(keys), dtype=np.uint8).reshape(len(keys), klen).copy(),
                         np.array(values, dtype=np.uint32))
-
-
-def hmap_bucket(key: bytes, klen: int, seed: int, nbuckets: int) -> int:
-    """nft_hash_fast_lookup / nft_hash_lookup: the bucket of ``key``."""
-    h = jhash_1word(int.from_bytes(key[:4], "little"), seed) if klen == 4 else jhash(key[:klen], seed)
-    return reciprocal_scale(h, nbuckets)
 
 
 def _op(kind: int, reg: int = 0, length: int = 0, flags: int = 0, a: int = 0, b: int = 0, c: int = 0) -> tuple:
@@ -321,9 +312,6 @@ def _key_bytes(key, selectors) -> bytes:
     return _typed_key_bytes(key, [ast.SELECTOR_TYPES[s] for s in selectors])
 
 
-def _roundup_pow_of_two(n: int) -> int:
-    return 1 << max(n - 1, 0).bit_length()
-
 
 # ---- memory (both backends) ------------------------------------------------------------------
 
@@ -331,29 +319,20 @@ def modelled_bytes(c: CompiledNft, sets) -> int:
     """Kernel memory (kernel-internals §3.6): per rule an nft_rule (24 B) with its expressions
     (layout.NFT_EXPR_BYTES) plus the rule blob (8-byte nft_rule_dp per rule and per chain end,
     and the expressions again); per set an nft_set (256 B) plus its table: rhash sets as
-    HashSet.modelled_bytes, anonymous maps as nft_hash buckets (8 B each) and nft_hash_elem
-    (32 B) + key + 16-B verdict per element, anonymous interval sets as two rbtree elements
-    (40 B + 4-B key) per range."""
+    HashSet.modelled_bytes, anonymous maps too (hash / hash_fast: nft_hash buckets, 8 B each, and
+    nft_hash_elem (32 B) + key + 16-B verdict per element), anonymous interval sets as two rbtree
+    elements (40 B + 4-B key) per range. ``sets`` are the named sets, then the anonymous maps."""
     expr_bytes = [sum(L.NFT_EXPR_BYTES[k] for k in ops) for ops in c.rule_exprs]
     rules = sum(kmalloc_size(L.NFT_RULE_BYTES + b) for b in expr_bytes)
     blobs = sum(L.NFT_RULE_DP_BYTES + b for b in expr_bytes) + L.NFT_RULE_DP_BYTES * len(c.chain_names)
     named = sum(L.NFT_SET_BYTES + hs.modelled_bytes() for hs in sets)
-    hmap_elems = sum(kmalloc_size(L.NFT_HASH_ELEM_BYTES + 4 * ((k + 3) // 4) + L.NFT_VERDICT_DATA_BYTES)
-                     for k in _per_element_klen(c))
-    hmaps = len(c.hmap_klen) * L.NFT_SET_BYTES + 8 * len(c.hmap_heads) + hmap_elems
     ranges = len(c.range_count) * L.NFT_SET_BYTES + 2 * len(c.range_lo) * kmalloc_size(L.NFT_RBTREE_ELEM_BYTES + 4)
-    return rules + blobs + named + hmaps + ranges
+    return rules + blobs + named + ranges
 
 
 def compiled_bytes(c: CompiledNft) -> int:
     arrays = [c.blob, c.chain_offset, c.base_hook, c.base_chain, c.base_policy, c.base_nat,
-              c.base_priority, c.hmap_klen, c.hmap_seed, c.hmap_nbuckets, c.hmap_head_base, c.hmap_first,
-              c.hmap_heads, c.hmap_keys, c.hmap_values, c.hmap_next, c.range_base, c.range_count,
+              c.base_priority, c.range_base, c.range_count,
               c.range_lo, c.range_hi]
     return sum(a.nbytes for a in arrays)
 
-
-def _per_element_klen(c: CompiledNft) -> list[int]:
-    """The key length of every anonymous-map element."""
-    counts = np.diff(np.append(c.hmap_first, len(c.hmap_values)))
-    return [int(k) for k, n in zip(c.hmap_klen, counts) for _ in range(n)]

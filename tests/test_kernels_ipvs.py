@@ -1,5 +1,5 @@
-"""IPVS mode's kernels: hsiphash, the hash-set kernel (ipset, nft rhash, bitmap:port) and IPVS
-(service table, schedulers, connection table, persistence).
+"""IPVS mode's kernels: hsiphash, the hash-set kernel (ipset, nft rhash, hash_fast and hash,
+bitmap:port) and IPVS (service table, schedulers, connection table, persistence).
 
 Every behavioural test runs through both backends (the ``backend`` fixture) against the same
 expected values; the ``*_backends_agree`` tests also compare whole outputs between them.
@@ -190,6 +190,103 @@ def test_rhash_new_elements_go_to_the_chain_head(backend):
     hs.insert(np.array([a]))
     hs.insert(np.array([b]))
     assert list(lookup(hs, np.array([b, a]))[2]) == [1, 2]
+
+
+# ---- hashset: nft hash_fast / hash (fixed size, numgen's anonymous maps) ---------------------
+
+def u32_keys(values):
+    """4-byte keys holding ``values`` as a register does for numgen: host-order (LE) u32s."""
+    return np.asarray(values, dtype="<u4").view(np.uint8).reshape(-1, 4)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 7, 10, 12, 100, 1000])
+def test_hash_fast_fixed_bucket_count(backend, n):
+    hashset_module = kernel("hashset", backend)
+    expected = 1 << max(n * 4 // 3 - 1, 0).bit_length()  # nft_hash_buckets: roundup_pow_of_two(N·4/3)
+    assert hashset_module.nft_hash_buckets(n) == expected
+    hs = hashset(backend, 4, "hash_fast", seed=n, size=n, data_len=16)
+    assert hs.n_buckets == expected and hs.size == n
+    assert hs.insert(u32_keys(np.arange(n)), np.arange(n, dtype=np.uint32) + 7) == n
+    assert hs.n_buckets == expected and hs.maintain() == 0 and hs.resizes == 0  # never resized
+    found, values, _ = lookup(hs, u32_keys(np.arange(n + 2)))
+    assert found[:n].all() and not found[n:].any() and list(values[:n]) == list(range(7, n + 7))
+    assert hs.insert(u32_keys([n + 5])) == 0  # full at size: -ENFILE
+    # 8 B per bucket, and per element nft_hash_elem 32 + key 4 + verdict 16 = 52 -> kmalloc-64
+    assert hs.modelled_bytes() == 8 * expected + 64 * n
+
+
+def test_hash_fast_bucket_is_reciprocal_scale_of_jhash_1word(backend):
+    hashing = hashing_module(backend)
+    seed, n = 5, 10
+    hash_seed = hashing.SplitMix64(seed).u32()  # nft_hash_init's seed: the set's first draw
+    hs = hashset(backend, 4, "hash_fast", seed=seed, size=n)
+    nbuckets = hs.n_buckets
+    assert nbuckets == 16
+    # Each key, put alone into a set, must be found with exactly as many compares as the keys
+    # that share its bucket under reciprocal_scale(jhash_1word(key, seed), 16), added after it.
+    keys = list(range(n))
+    bucket = {k: hashing.reciprocal_scale(hashing.jhash_1word(k, hash_seed), nbuckets) for k in keys}
+    hs.insert(u32_keys(keys))
+    _, _, compares = lookup(hs, u32_keys(keys))
+    for i, k in enumerate(keys):  # chain head = newest: a key is behind the later ones of its bucket
+        later = sum(bucket[j] == bucket[k] for j in keys[i + 1:])
+        assert compares[i] == later + 1, (k, bucket[k])
+    # A few buckets by hand: a key's bucket decides which keys it collides with.
+    a = 0
+    mates = [k for k in range(1, 4096) if hashing.reciprocal_scale(hashing.jhash_1word(k, hash_seed), nbuckets)
+             == bucket[a]][:2]
+    other = next(k for k in range(1, 4096)
+                 if hashing.reciprocal_scale(hashing.jhash_1word(k, hash_seed), nbuckets) != bucket[a])
+    probe = hashset(backend, 4, "hash_fast", seed=seed, size=n)
+    probe.insert(u32_keys([a, *mates, other]))
+    assert list(lookup(probe, u32_keys([mates[1], mates[0], a, other]))[2]) == [1, 2, 3, 1]
+    assert probe.hash_computations == 4 + 4  # one per insert (the -EEXIST walk), one per lookup
+
+
+def test_hash_policy_uses_jhash_and_new_elements_go_to_the_head(backend):
+    hashing = hashing_module(backend)
+    seed = 21
+    hash_seed = hashing.SplitMix64(seed).u32()
+    hs = hashset(backend, 8, "hash", seed=seed, size=6)
+    assert hs.n_buckets == 8
+    a, b, c = colliding(lambda key: hashing.reciprocal_scale(hashing.jhash(key, hash_seed), 8), 3)
+    for key in (a, b, c):
+        assert hs.insert(np.array([key])) == 1
+    assert hs.insert(np.array([b])) == 0  # -EEXIST
+    assert list(lookup(hs, np.array([c, b, a]))[2]) == [1, 2, 3]
+    assert hs.delete(np.array([b])) == 1 and list(lookup(hs, np.array([c, a]))[2]) == [1, 2]
+
+
+def test_hash_policies_refuse_bad_arguments(backend):
+    with pytest.raises(ValueError):
+        hashset(backend, 4, "hash_fast")  # no size
+    with pytest.raises(ValueError):
+        hashset(backend, 8, "hash_fast", size=4)  # hash_fast is for 4-byte keys only
+    with pytest.raises(ValueError):
+        hashset(backend, 8, "hash")
+
+
+def hash_workload(backend, policy, key_len):
+    rng = np.random.default_rng(5)
+    hs = hashset(backend, key_len, policy, seed=17, size=900, data_len=16)
+    if key_len == 4:
+        keys = u32_keys(rng.integers(0, 2000, 3000, dtype=np.uint32))
+    else:
+        keys = L.ipset_key_ip_port(rng.integers(0, 2000, 3000, dtype=np.uint32), TCP, 80)
+    out = []
+    for step in range(6):
+        out.append(hs.insert(keys[step * 500:(step + 1) * 500], np.arange(500, dtype=np.uint32)))
+        out.append(hs.delete(keys[rng.integers(0, (step + 1) * 500, 200)]))
+        out.extend(lookup(hs, keys))
+    return out + [hs.n_elements, hs.n_buckets, hs.hash_computations, hs.bucket_entries_compared,
+                  hs.resizes, hs.modelled_bytes(), hs.model_bytes()]
+
+
+@pytest.mark.parametrize("policy, key_len", [("hash_fast", 4), ("hash", 8)])
+def test_hash_policies_backends_agree(compiled, policy, key_len):
+    outputs = [hash_workload(backend, policy, key_len) for backend in ("cython", "python")]
+    for c_value, p_value in zip(*outputs):
+        assert np.array_equal(c_value, p_value)
 
 
 # ---- hashset: bitmap:port ---------------------------------------------------------------------

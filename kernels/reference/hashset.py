@@ -17,6 +17,10 @@ Same API, results and counters as the Cython kernel (kernel-internals §2.6, §3
   table; ``maintain()`` (the deferred worker) doubles above 75% and shrinks below 30% to
   ``max(roundup_pow_of_two(n * 3 / 2), 4)``. A rehash moves each old chain tail first to the head
   of its new chain, old buckets in order.
+* ``"hash_fast"`` / ``"hash"`` (nft_set_hash.c, sets with a declared ``size``; numgen's anonymous
+  verdict maps): ``nft_hash_buckets(size) = roundup_pow_of_two(size * 4 / 3)`` fixed chains, one
+  seed, bucket = ``reciprocal_scale(jhash_1word(key u32, seed) | jhash(key, seed), buckets)``; an
+  insert walks the chain (-EEXIST), then adds at the head; at ``size`` elements adds are refused.
 
 Counters: ``hash_computations`` and ``bucket_entries_compared`` (lookups, inserts, deletes);
 ``resizes`` and ``rehash_moves`` for resizing, which no operation is charged for.
@@ -25,11 +29,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from kernels.layout import kmalloc_size
-from kernels.reference.hashing import SplitMix64, jhash
+from kernels.layout import NFT_HASH_ELEM_BYTES, kmalloc_size
+from kernels.reference.hashing import SplitMix64, jhash, jhash_1word, reciprocal_scale
 
 MAX_KEY_LEN = 16
-POLICIES = ("ipset", "rhash")
+POLICIES = ("ipset", "rhash", "hash_fast", "hash")
 
 # ipset (ip_set_hash_gen.h)
 IPSET_DEFAULT_HASHSIZE = 1024
@@ -66,6 +70,11 @@ def _mask_network(key: bytearray, offset: int, cidr: int) -> None:
     key[offset:offset + 4] = (value & mask).to_bytes(4, "big")
 
 
+def nft_hash_buckets(size: int) -> int:
+    """nft_hash_buckets(): the fixed bucket count of a hash / hash_fast set of ``size``."""
+    return _roundup_pow_of_two(size * 4 // 3)
+
+
 def ipset_htable_bits(hashsize: int) -> int:
     """htable_bits(): log2 of hashsize rounded up to a power of two (at least 64 buckets)."""
     return (max(hashsize, IPSET_MIN_HASHSIZE) - 1).bit_length()
@@ -84,13 +93,17 @@ class HashSet:
     def __init__(self, key_len: int, policy: str = "ipset", seed: int = 0,
                  hashsize: int = IPSET_DEFAULT_HASHSIZE, maxelem: int = IPSET_DEFAULT_MAXELEM,
                  bucketsize: int = AHASH_MAX_SIZE, nelem_hint: int = NFT_RHASH_ELEMENT_HINT,
-                 net_offset: int = -1, cidr_offset: int = -1, data_len: int = 0):
+                 net_offset: int = -1, cidr_offset: int = -1, data_len: int = 0, size: int = 0):
         if not 1 <= key_len <= MAX_KEY_LEN:
             raise ValueError(f"key_len must be 1..{MAX_KEY_LEN}")
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}")
         if (net_offset >= 0) != (cidr_offset >= 0) or net_offset + 4 > key_len or cidr_offset >= key_len:
             raise ValueError("net_offset and cidr_offset must both lie inside the key, or both be -1")
+        if policy in ("hash_fast", "hash") and size == 0:
+            raise ValueError(f"{policy} needs a size (nft_hash*_estimate rejects size 0)")
+        if policy == "hash_fast" and key_len != 4:
+            raise ValueError("hash_fast takes 4-byte keys only")
         self.key_len = key_len
         self.policy = policy
         self.net_offset = net_offset
@@ -113,9 +126,13 @@ class HashSet:
         self.bucket_entries_compared = 0
         self.resizes = 0
         self.rehash_moves = 0
+        self.size = size
         if policy == "ipset":
             self._seed = self._rng.u32()
             self._set_ipset_table(ipset_htable_bits(hashsize))
+        elif policy != "rhash":
+            # nft_hash_init: one seed, nft_hash_buckets(size) chains, never resized.
+            self._set_rhash_table(nft_hash_buckets(size))
         else:
             self._set_rhash_table(rhash_initial_size(nelem_hint))
 
@@ -156,6 +173,10 @@ class HashSet:
     # ---- hashing and scanning --------------------------------------------------------------
 
     def _bucket_of(self, key: bytes) -> int:
+        if self.policy == "hash_fast":  # nft_hash_fast_lookup
+            return reciprocal_scale(jhash_1word(int.from_bytes(key[:4], "little"), self._seed), self.n_buckets)
+        if self.policy == "hash":  # nft_hash_lookup
+            return reciprocal_scale(jhash(key, self._seed), self.n_buckets)
         return jhash(key, self._seed) & self._mask
 
     def _chain(self, b: int) -> list[int]:
@@ -219,11 +240,18 @@ class HashSet:
         for i, key in enumerate(self._rows(keys)):
             key = self._stored_key(key)
             value = int(values[i]) if values is not None else 0
-            if self._ipset_add(key, value) if self.policy == "ipset" else self._rhash_add(key, value):
+            if self._add(key, value):
                 added += 1
                 if self.net_offset >= 0:
                     self._nets[self._cidr_of(key)] += 1
         return added
+
+    def _add(self, key: bytes, value: int) -> bool:
+        if self.policy == "ipset":
+            return self._ipset_add(key, value)
+        if self.policy == "rhash":
+            return self._rhash_add(key, value)
+        return self._hash_add(key, value)
 
     def delete(self, keys: np.ndarray) -> int:
         """Remove the keys; returns how many were present."""
@@ -372,6 +400,19 @@ class HashSet:
         self._heads[b] = e
         return True
 
+    def _hash_add(self, key: bytes, value: int) -> bool:
+        """nft_hash_insert: -EEXIST after a walk of the chain, else hlist_add_head_rcu. A set
+        already holding ``size`` elements refuses the add (-ENFILE); the table never resizes."""
+        found, compared = self._find_exact(key)
+        self.bucket_entries_compared += compared
+        if found >= 0 or self.n_elements >= self.size:
+            return False
+        b = self._bucket_of(key)
+        e = self._new_element(key, value)
+        self._next[e] = self._heads[b]
+        self._heads[b] = e
+        return True
+
     def _rhash_resize(self, size: int) -> None:
         """A new bucket table (new hash_rnd); each old chain moves tail first, buckets in order."""
         old_chains = [self._chain(b) for b in range(self.n_buckets)]
@@ -405,6 +446,9 @@ class HashSet:
     def modelled_bytes(self) -> int:
         """Kernel memory of the table and its elements (kmalloc-rounded); see the module doc
         of kernels/hashset.pyx for what is counted."""
+        if self.policy in ("hash_fast", "hash"):
+            element = kmalloc_size(NFT_HASH_ELEM_BYTES + (self.key_len + 3) // 4 * 4 + self.data_len)
+            return 8 * self.n_buckets + self.n_elements * element
         if self.policy == "rhash":
             element = kmalloc_size(NFT_RHASH_ELEM_BYTES + (self.key_len + 3) // 4 * 4 + self.data_len)
             return kmalloc_size(BUCKET_TABLE_BYTES + 8 * self.n_buckets) + self.n_elements * element
@@ -421,7 +465,7 @@ class HashSet:
         pool = 16
         while pool < len(self._keys):
             pool *= 2
-        table = 4 * self.n_buckets if self.policy == "rhash" else self.n_buckets * (4 * self.bucketsize + 2)
+        table = 4 * self.n_buckets if self.policy != "ipset" else self.n_buckets * (4 * self.bucketsize + 2)
         return pool * (MAX_KEY_LEN + 4 + 4) + table
 
 

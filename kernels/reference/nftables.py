@@ -18,8 +18,8 @@ end of a chain pops, and an empty stack falls back to the base chain's policy.
 Sets: the named ones are HashSet(policy="rhash") (12-byte keys for service-ips); a dynamic set
 with a timeout (``update @affinity-… { ip saddr }``) stores each element's expiry (packet time
 + timeout, seconds) as its value, and a lookup misses an expired element, as nft_rhash_cmp
-does. Elements loaded from the text count as added at time 0. Anonymous maps are hash_fast or
-hash (kernels/nftblob.py); numgen is ``reciprocal_scale(rng_u32, mod) + offset``.
+does. Elements loaded from the text count as added at time 0. Anonymous maps are HashSet(policy=
+"hash_fast") (4-byte keys, numgen's) or "hash", built by kernels.nftblob.anon_map_sets; numgen is ``reciprocal_scale(rng_u32, mod) + offset``.
 
 ``fib saddr|daddr type local`` is true for the node addresses given as ``local_addrs``, and
 for nothing else: 127.0.0.0/8 is not treated as local, the convention of kube-proxy's own
@@ -42,7 +42,7 @@ import time
 import numpy as np
 
 from kernels import layout as L
-from kernels.nftblob import CompiledNft, compile_table, compiled_bytes, hmap_bucket, modelled_bytes
+from kernels.nftblob import CompiledNft, anon_map_sets, compile_table, compiled_bytes, modelled_bytes
 from kernels.reference.hashing import SplitMix64, reciprocal_scale
 from kernels.reference.hashset import HashSet
 
@@ -95,7 +95,7 @@ class Ruleset:
             if len(s.keys):
                 hs.insert(s.keys, values)
             self.sets.append(hs)
-        self._hmap_keys = [bytes(row) for row in c.hmap_keys]
+        self.hmaps = anon_map_sets(c, HashSet)
 
     @classmethod
     def from_table(cls, table, local_addrs=(), seed: int = 0) -> "Ruleset":
@@ -260,17 +260,13 @@ class Ruleset:
                                 np.array([expires], dtype=np.uint32))
 
     def _hmap(self, w: _Walk, r: int, length: int, m: int) -> int:
-        c = self.compiled
-        key = bytes(w.regs[r:r + length])
+        """nft_hash_fast_lookup / nft_hash_lookup: HashSet.lookup_one on the anonymous map."""
+        hs = self.hmaps[m]
+        e, compared = hs._find(bytes(w.regs[r:r + length]))
+        hs.bucket_entries_compared += compared
         w.set_lookups += 1
-        b = hmap_bucket(key, length, int(c.hmap_seed[m]), int(c.hmap_nbuckets[m]))
-        e = int(c.hmap_heads[c.hmap_head_base[m] + b])
-        while e >= 0:
-            w.bucket_entries_compared += 1
-            if self._hmap_keys[e][:length] == key:
-                return int(c.hmap_values[e])
-            e = int(c.hmap_next[e])
-        return L.NFT_V_BREAK
+        w.bucket_entries_compared += compared
+        return hs._values[e] if e >= 0 else L.NFT_V_BREAK
 
     def _rangeset(self, w: _Walk, r: int, width: int, flags: int, s: int) -> int:
         c = self.compiled
@@ -287,11 +283,11 @@ class Ruleset:
     # ---- memory ----------------------------------------------------------------------------
 
     def modelled_bytes(self) -> int:
-        return modelled_bytes(self.compiled, self.sets)
+        return modelled_bytes(self.compiled, self.sets + self.hmaps)
 
     def model_bytes(self) -> int:
         """Bytes of this model's own tables: the blob, the compiled arrays and the sets."""
-        return compiled_bytes(self.compiled) + sum(hs.model_bytes() for hs in self.sets)
+        return compiled_bytes(self.compiled) + sum(hs.model_bytes() for hs in self.sets + self.hmaps)
 
 
 def _check_hook(hook: int) -> None:
