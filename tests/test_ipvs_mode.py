@@ -11,9 +11,8 @@ import pytest
 from bench import sweep
 from bench.cli import main
 from bench.cluster.generate import generate
-from bench.cluster.model import (Cluster, Endpoint, EndpointPort, EndpointSlice, Node, ProxyConfig,
-                                 Service, ServicePort, service_ports)
 from bench.costs import ipvs as ipvs_costs
+from bench.cluster.model import service_ports
 from bench.errors import InputError
 from bench.loaders.ipvs import kernel_arrays, load
 from bench.measure import IpvsDatapath
@@ -23,36 +22,17 @@ from bench.results import read_jsonl
 from bench.trace import trace_ipvs
 from bench.workload import EPHEMERAL_LOW, established, pod_connections, service_connections
 from kernels import layout as L
+from tests.builders import packet_flow_cluster
 from tests.conftest import compiled_available, kernel
 
 NODE_IP = "192.168.0.2"
 
 
-# --- a hand-built cluster for the tracer --------------------------------------------------------
-
-def _service(name, cluster_ip, kind="ClusterIP", node_port=0, **fields):
-    return Service("ns1", name, kind, cluster_ip, [ServicePort("p80", "tcp", 80, 80, node_port)], **fields)
-
-
-def _slice(service_name, *addresses):
-    return EndpointSlice("ns1", f"{service_name}-abc", service_name, [EndpointPort("p80", "tcp", 8080)],
-                         [Endpoint(address, "node2") for address in addresses])
-
+# --- the packet-flow cluster through the tracer ------------------------------------------------
 
 @pytest.fixture(scope="module")
 def traced():
-    services = [
-        _service("web", "172.30.0.10"),
-        _service("np", "172.30.0.11", "NodePort", 30001),
-        _service("lb", "172.30.0.12", "LoadBalancer", 30002, load_balancer_ips=["1.2.3.4"],
-                 load_balancer_source_ranges=["203.0.113.0/24"]),
-        _service("empty", "172.30.0.13"),
-    ]
-    slices = [_slice("web", "10.180.0.1", "10.180.0.2"), _slice("np", "10.180.1.1"),
-              _slice("lb", "10.180.2.1")]
-    cluster = Cluster(services, slices, [Node("node1", [NODE_IP]), Node("node2", ["192.168.0.3"])],
-                      ProxyConfig(mode="ipvs", cluster_cidr="10.0.0.0/8", node_ips=[NODE_IP]),
-                      node_name="node1")
+    cluster = packet_flow_cluster("ipvs", NODE_IP)
     return load(write(cluster, IpvsWriterOptions(include_jump_rules=True)), "traced")
 
 

@@ -17,6 +17,7 @@ from bench.loaders import iptables
 from bench.loaders.iptables import dump, load, load_file
 from bench.proxies.iptables import write_full, write_partial
 from kernels import layout as L
+from tests.builders import mutate_words
 
 SVC1 = "KUBE-SVC-XPGD46QRK7WJZT7O"  # ns1/svc1:p80, two endpoints
 SEP1A = "KUBE-SEP-SXIVWICOYRO3J4NJ"  # 10.180.0.1:80
@@ -885,25 +886,8 @@ def mutated_payload(draw):
     """The kube-proxy payload with a few of its rule lines' words deleted, repeated, swapped or
     replaced by other words iptables knows."""
     lines = KUBE_PROXY_PAYLOAD.splitlines()
-    for _ in range(draw(st.integers(1, 3))):
-        number = draw(st.sampled_from([i for i, line in enumerate(lines) if line.startswith("-A")]))
-        words = lines[number].split(" ")
-        position = draw(st.integers(0, len(words) - 1))
-        action = draw(st.sampled_from(["delete", "repeat", "swap", "replace", "insert"]))
-        word = draw(st.sampled_from(WORDS))
-        if action == "delete":
-            del words[position]
-        elif action == "repeat":
-            words.insert(position, words[position])
-        elif action == "swap":
-            other = draw(st.integers(0, len(words) - 1))
-            words[position], words[other] = words[other], words[position]
-        elif action == "replace":
-            words[position] = word
-        else:
-            words.insert(position, word)
-        lines[number] = " ".join(words)
-    return "\n".join(lines) + "\n"
+    rules = st.sampled_from([i for i, line in enumerate(lines) if line.startswith("-A")])
+    return mutate_words(draw, lines, rules, WORDS)
 
 
 @FUZZ

@@ -15,6 +15,7 @@ from bench.loaders.nftables import (AnonSet, AnonVmap, Chain, Counter, CtState, 
                                     Verdict, load, load_file)
 from bench.netaddr import ip_to_int
 from bench.proxies.nftables import WriterOptions, write_full, write_partial, write_ruleset_listing
+from tests.builders import mutate_words
 
 # A node's `nft -a list ruleset`, written by hand after kube-proxy-rules §c: kube-proxy's table
 # for four services (the apiserver, DNS with two endpoints, a LoadBalancer with a source
@@ -675,26 +676,7 @@ def test_arbitrary_structure_only_raises_input_error(text):
 @st.composite
 def mutated(draw, lines):
     """``lines`` with a few words deleted, repeated, swapped or replaced by other nft words."""
-    lines = list(lines)
-    for _ in range(draw(st.integers(1, 3))):
-        number = draw(st.integers(0, len(lines) - 1))
-        words = lines[number].split(" ")
-        position = draw(st.integers(0, len(words) - 1))
-        action = draw(st.sampled_from(["delete", "repeat", "swap", "replace", "insert"]))
-        word = draw(st.sampled_from(WORDS))
-        if action == "delete":
-            del words[position]
-        elif action == "repeat":
-            words.insert(position, words[position])
-        elif action == "swap":
-            other = draw(st.integers(0, len(words) - 1))
-            words[position], words[other] = words[other], words[position]
-        elif action == "replace":
-            words[position] = word
-        else:
-            words.insert(position, word)
-        lines[number] = " ".join(words)
-    return "\n".join(lines) + "\n"
+    return mutate_words(draw, lines, st.integers(0, len(lines) - 1), WORDS)
 
 
 @FUZZ

@@ -12,9 +12,8 @@ import pytest
 
 from bench.cli import main
 from bench.cluster.generate import generate
-from bench.cluster.model import (Cluster, Endpoint, EndpointPort, EndpointSlice, Node, ProxyConfig,
-                                 Service, ServicePort, service_ports)
 from bench.costs import nftables as nft_costs
+from bench.cluster.model import service_ports
 from bench.errors import InputError
 from bench.loaders.nftables import load
 from bench.measure import NftablesDatapath
@@ -23,6 +22,7 @@ from bench.results import read_jsonl
 from bench.trace import trace_nftables
 from bench.workload import established, pod_connections, service_connections
 from kernels import layout as L
+from tests.builders import packet_flow_cluster
 from tests.conftest import compiled_available
 
 NODE_IP = "192.168.0.2"
@@ -31,29 +31,9 @@ OPTIONS = WriterOptions(service_cidrs=("172.30.0.0/16",))
 
 # --- the tracer on kube-proxy's packet-flow cases -----------------------------------------------
 
-def _service(name, cluster_ip, kind="ClusterIP", node_port=0, **fields):
-    return Service("ns1", name, kind, cluster_ip, [ServicePort("p80", "tcp", 80, 80, node_port)], **fields)
-
-
-def _slice(service_name, *addresses):
-    return EndpointSlice("ns1", f"{service_name}-abc", service_name, [EndpointPort("p80", "tcp", 8080)],
-                         [Endpoint(address, "node2") for address in addresses])
-
-
 @pytest.fixture(scope="module")
 def cluster():
-    services = [
-        _service("web", "172.30.0.10"),
-        _service("np", "172.30.0.11", "NodePort", 30001),
-        _service("lb", "172.30.0.12", "LoadBalancer", 30002, load_balancer_ips=["1.2.3.4"],
-                 load_balancer_source_ranges=["203.0.113.0/24"]),
-        _service("empty", "172.30.0.13"),
-    ]
-    slices = [_slice("web", "10.180.0.1", "10.180.0.2"), _slice("np", "10.180.1.1"),
-              _slice("lb", "10.180.2.1")]
-    return Cluster(services, slices, [Node("node1", [NODE_IP]), Node("node2", ["192.168.0.3"])],
-                   ProxyConfig(mode="nftables", cluster_cidr="10.0.0.0/8", node_ips=[NODE_IP]),
-                   node_name="node1")
+    return packet_flow_cluster("nftables", NODE_IP)
 
 
 @pytest.fixture(scope="module", params=["transaction", "listing"])
