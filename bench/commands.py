@@ -201,7 +201,8 @@ def cmd_bench(args) -> int:
 def _run_benchmarks(path: Path, args, modes, benchmarks, ResultsWriter, read_jsonl) -> None:
     """Kernel speed and ruleset-load benchmarks (and, with ipvs, the connection-table scaling),
     skipped when already recorded with this seed."""
-    from bench.sweep import PROFILES, ipvs_connection_scaling
+    from bench.measure.ipvs import connection_scaling
+    from bench.sweep import PROFILES
 
     done = {r.get("benchmark_id") for r in read_jsonl(path)} if path.exists() else set()
     writer = ResultsWriter(path)
@@ -213,7 +214,7 @@ def _run_benchmarks(path: Path, args, modes, benchmarks, ResultsWriter, read_jso
             services=1000 if quick else 20000, endpoints=10, seed=args.seed),
     }
     if "ipvs" in modes:
-        jobs["ipvs_connections"] = lambda: ipvs_connection_scaling(
+        jobs["ipvs_connections"] = lambda: connection_scaling(
             PROFILES[args.profile]["ipvs_connections"], seed=args.seed)
     for name, job in jobs.items():
         key = hashlib.sha256(json.dumps([name, quick, args.seed]).encode()).hexdigest()[:16]

@@ -35,7 +35,9 @@ from bench.loaders import ipvs as ipvs_loader
 from bench.loaders import nftables as nft_loader
 from bench.loaders.iptables import Ruleset, load, load_file
 from bench.netaddr import PROTOCOL_NAMES, PROTOCOLS, int_to_ip, ip_to_int, parse_port
-from bench.measure import apply_nat, kernel_sets, kube_proxy_table
+from bench.loaders.nftables import kube_proxy_table
+from bench.measure.ipvs import kernel_sets
+from bench.measure.path import apply_nat
 from kernels import layout as L
 
 KUBE_FILTER_CHAINS = ("KUBE-SERVICES", "KUBE-EXTERNAL-SERVICES", "KUBE-NODEPORTS", "KUBE-PROXY-FIREWALL",

@@ -8,14 +8,14 @@ import json
 import numpy as np
 import pytest
 
-from bench import sweep
 from bench.cli import main
 from bench.cluster.generate import generate
 from bench.costs import ipvs as ipvs_costs
 from bench.cluster.model import service_ports
 from bench.errors import InputError
 from bench.loaders.ipvs import kernel_arrays, load
-from bench.measure import IpvsDatapath
+from bench.measure import ipvs as ipvs_measure
+from bench.measure.ipvs import IpvsDatapath
 from bench.netaddr import int_to_ip
 from bench.proxies.ipvs import IpvsWriterOptions, write
 from bench.results import read_jsonl
@@ -163,7 +163,7 @@ def test_connection_lookup_compares_grow_like_connections_over_twice_the_buckets
     ruleset = load(write(cluster), "connections")
     for live in (2560, 10240):
         ipvs = ipvs_module.IPVS.from_arrays(*kernel_arrays(ruleset.services), conn_tab_bits=8, seed=1)
-        syns = sweep.distinct_clients(service_connections(cluster, service_ports(cluster), live, seed=live))
+        syns = ipvs_measure.distinct_clients(service_connections(cluster, service_ports(cluster), live, seed=live))
         ipvs.process(syns, np.zeros(live, dtype=L.IPVS_RESULT_DTYPE))
         later = np.zeros(2000, dtype=L.IPVS_RESULT_DTYPE)
         sample = np.random.default_rng(live).choice(live, 2000, replace=False)
@@ -173,7 +173,7 @@ def test_connection_lookup_compares_grow_like_connections_over_twice_the_buckets
 
 
 def test_distinct_clients_are_distinct():
-    packets = sweep.distinct_clients(np.zeros(70000, dtype=L.PACKET_DTYPE))
+    packets = ipvs_measure.distinct_clients(np.zeros(70000, dtype=L.PACKET_DTYPE))
     pairs = packets["src"].astype(np.uint64) << 16 | packets["sport"]
     assert len(np.unique(pairs)) == 70000 and packets["sport"].min() >= EPHEMERAL_LOW
 
@@ -296,7 +296,7 @@ def test_cli_bench_ipvs_writes_records(capsys, tmp_path):
 
 
 def test_connection_scaling_record():
-    record = sweep.ipvs_connection_scaling([4096, 16384], services=50, packets=2000)
+    record = ipvs_measure.connection_scaling([4096, 16384], services=50, packets=2000)
     assert record["benchmark"] == "ipvs_connections"
     for live in (4096, 16384):  # 4096 chains: about live/8192 + 1 compares per hit
         assert 0.8 < record[f"conn_compares_mean_{live}"] / (live / 8192 + 1) < 1.25

@@ -6,7 +6,7 @@ from bench.cluster.generate import generate
 from bench.cluster.model import service_ports
 from bench.costs.iptables import kernel_bytes, table_memory
 from bench.loaders.iptables import load
-from bench.measure import IptablesDatapath
+from bench.measure.iptables import IptablesDatapath
 from bench.proxies.iptables import WriterOptions, write_full
 from bench.workload import established, pod_connections, service_connections
 from kernels import layout as L

@@ -16,7 +16,7 @@ from bench.costs import nftables as nft_costs
 from bench.cluster.model import service_ports
 from bench.errors import InputError
 from bench.loaders.nftables import load
-from bench.measure import NftablesDatapath
+from bench.measure.nftables import NftablesDatapath
 from bench.proxies.nftables import WriterOptions, write_full, write_ruleset_listing
 from bench.results import read_jsonl
 from bench.trace import trace_nftables

@@ -21,7 +21,7 @@ from dataclasses import replace
 
 from bench.cluster.model import CLUSTER_IP, Cluster
 from bench.loaders.nftables import NftRuleset, load
-from bench.measure import kube_proxy_table
+from bench.loaders.nftables import kube_proxy_table
 from bench.netaddr import int_to_ip, ip_to_int
 from bench.proxies.nftables import WriterOptions, write_full, write_partial
 from kernels.nftblob import CompiledNft, compile_table

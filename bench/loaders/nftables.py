@@ -298,6 +298,14 @@ def load(text: str, source: str = "<string>", base: NftRuleset | None = None) ->
             gc.enable()
 
 
+def kube_proxy_table(ruleset: NftRuleset) -> Table:
+    """The ``ip kube-proxy`` table: the one kube-proxy programs, and the one modelled."""
+    try:
+        return ruleset.table()
+    except KeyError:
+        raise InputError("has no table ip kube-proxy", ruleset.source) from None
+
+
 def load_file(path, base: NftRuleset | None = None) -> NftRuleset:
     """:func:`load` the file at ``path``; a file that cannot be read is an InputError."""
     return load(read_input(path, "an nft ruleset"), str(path), base)

@@ -1,0 +1,127 @@
+"""iptables mode's data path (:class:`IptablesDatapath`) and its sweep point. the path is the kernel's (kernel-internals §4.3). A packet first meets conntrack. On a miss
+(the first packet of a connection) the nat table runs at PREROUTING, the DNAT is applied, the
+filter table runs at INPUT or FORWARD, the nat table runs again at POSTROUTING, and conntrack
+confirms the connection (two tuple entries). On a hit, NAT is applied from conntrack with no
+rule walk and only the filter table runs. Each stage is a nogil batch call that adds its own
+time per packet into one ``ns`` array, less the timer's own overhead.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict
+
+import numpy as np
+
+import kernels
+from bench.cluster.generate import generate
+from bench.cluster.model import service_ports
+from bench.costs import iptables as iptables_costs
+from bench.loaders.iptables import Ruleset, load
+from bench.measure.path import PathResult, apply_nat, confirm, conntrack_lookup, is_local, path_record
+from bench.netaddr import ip_to_int
+from bench.proxies.iptables import WriterOptions, rule_counts, write_full
+from bench.workload import established, pod_connections, service_connections
+from kernels import layout as L
+
+
+class IptablesDatapath:
+    """conntrack + the nat and filter tables of one node, on one kernel backend."""
+
+    def __init__(self, ruleset: Ruleset, node_ips: list[str], seed: int = 0,
+                 backend: str | None = None, conntrack_buckets: int = 262144,
+                 sets: dict | None = None):
+        """``sets``: per table, the ipsets its ``-m set`` rules name, aligned with the
+        compiled table's set_names (IPVS mode; None for iptables mode's rules)."""
+        iptables = kernels.load("iptables", backend)
+        conntrack = kernels.load("conntrack", backend)
+        sets = sets or {}
+        self.local = np.array(sorted(ip_to_int(ip) for ip in node_ips), dtype=np.uint32)
+        self.nat = iptables.Table.from_compiled(ruleset.tables["nat"], self.local, seed=seed,
+                                                sets=sets.get("nat"))
+        self.filter = iptables.Table.from_compiled(ruleset.tables["filter"], self.local, seed=seed + 1,
+                                                   sets=sets.get("filter"))
+        self.conntrack = conntrack.ConntrackTable(buckets=conntrack_buckets, seed=seed)
+        self.timer_overhead = int(iptables.timer_overhead_ns())
+
+    def is_local(self, addresses: np.ndarray) -> np.ndarray:
+        return is_local(addresses, self.local)
+
+    def _walk(self, table, packets: np.ndarray, hook: int, ns: np.ndarray) -> np.ndarray:
+        results = np.zeros(len(packets), dtype=L.RESULT_DTYPE)
+        stage_ns = np.zeros(len(packets), dtype=np.int64)
+        table.run(packets, hook, results, stage_ns)
+        ns += np.maximum(stage_ns - self.timer_overhead, 0)
+        return results
+
+    def _filter(self, packets: np.ndarray, ns: np.ndarray) -> np.ndarray:
+        """Filter INPUT for local destinations, FORWARD for the rest, in two batches."""
+        results = np.zeros(len(packets), dtype=L.RESULT_DTYPE)
+        local = self.is_local(packets["dst"])
+        for hook, chosen in ((L.HOOK_INPUT, local), (L.HOOK_FORWARD, ~local)):
+            index = np.flatnonzero(chosen)
+            if index.size:
+                part_ns = np.zeros(index.size, dtype=np.int64)
+                results[index] = self._walk(self.filter, packets[index], hook, part_ns)
+                ns[index] += part_ns
+        return results
+
+    def process(self, packets: np.ndarray, established_after_nat: np.ndarray | None = None) -> PathResult:
+        """Send a batch through the path.
+
+        ``established_after_nat``: for packets of known connections, what conntrack's stored NAT
+        turns them into (the model's conntrack keeps tuples, not the mapping, so callers that
+        replay connections pass the post-NAT packets from the first pass).
+        """
+        n = len(packets)
+        found, compares, ns = conntrack_lookup(self.conntrack, packets, self.timer_overhead)
+        new = np.flatnonzero(found == 0)
+        nat = np.zeros(n, dtype=L.RESULT_DTYPE)
+        after = packets.copy() if established_after_nat is None else established_after_nat.copy()
+        if new.size:
+            new_ns = np.zeros(new.size, dtype=np.int64)
+            nat[new] = self._walk(self.nat, packets[new], L.HOOK_PREROUTING, new_ns)
+            ns[new] += new_ns
+            after[new] = apply_nat(packets[new], nat[new])
+        filt = self._filter(after, ns)
+        post = np.zeros(n, dtype=L.RESULT_DTYPE)
+        if new.size:
+            post_ns = np.zeros(new.size, dtype=np.int64)
+            post[new] = self._walk(self.nat, after[new], L.HOOK_POSTROUTING, post_ns)
+            ns[new] += post_ns
+            compares[new] += confirm(self.conntrack, packets[new], nat[new])
+        visited = (nat["entries_visited"].astype(np.int64) + filt["entries_visited"]
+                   + post["entries_visited"])
+        return PathResult(ns, found == 1, nat, visited, nat["entries_visited"].astype(np.int64), after,
+                          compares)
+
+
+def measure(point) -> list[dict]:
+    cluster = generate(point.services, point.endpoints, point.nodes, seed=point.seed, mix=point.mix)
+    infos = service_ports(cluster)
+    started = time.perf_counter()
+    text = write_full(cluster, WriterOptions(include_jump_rules=True, service_order_seed=point.seed))
+    write_seconds = time.perf_counter() - started
+    started = time.perf_counter()
+    ruleset = load(text, source=f"iptables rules for {point.services} services")
+    load_seconds = time.perf_counter() - started
+    datapath = IptablesDatapath(ruleset, cluster.config.node_ips, seed=point.seed)
+
+    to_service = service_connections(cluster, infos, point.packets, seed=point.seed)
+    first = datapath.process(to_service)
+    to_pods = datapath.process(pod_connections(cluster, point.packets, seed=point.seed + 1))
+    later = datapath.process(established(to_service), established(first.after_nat))
+
+    common = {
+        "kind": "point", "point_id": point.point_id, **asdict(point),
+        "rules": rule_counts(text),
+        "kernel_bytes": iptables_costs.kernel_bytes(ruleset.tables, point.cpus)
+                        + datapath.conntrack.modelled_bytes(),
+        "model_bytes": sum(t.blob.nbytes for t in ruleset.tables.values())
+                       + datapath.nat.counters.nbytes + datapath.filter.counters.nbytes
+                       + datapath.conntrack.model_bytes(),
+        "sync_proxy_rules_write_seconds": write_seconds,
+        "sync_proxy_rules_load_seconds": load_seconds,
+        "sync_entries": iptables_costs.sync_entries(ruleset.tables),
+    }
+    return [{**common, "workload": name, **path_record(result)}
+            for name, result in (("service_new", first), ("nonservice_new", to_pods), ("established", later))]
