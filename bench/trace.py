@@ -19,6 +19,11 @@ real server reached ("" when the packet is not for a virtual service, "REJECT" w
 service has no usable real server: IPVS answers ICMP port unreachable); with ``all_endpoints``
 every real server of the virtual service, in the kernel's list order.
 
+iptables mode on the nf_tables backend (``trace_packet(..., backend="nft")``) walks the same
+tables as iptables-nft stores them (bench/loaders/iptables_nft.py) with the twin of the nftables
+kernel: one step per nft rule started (no policy or chain-tail entries), the same rule numbers
+and text, and the nft counters (expressions evaluated).
+
 nftables mode (:func:`trace_nftables`) runs the twin of the nftables kernel over the
 ``ip kube-proxy`` table, one hook at a time, each hook's base chains in priority order; its
 steps name the chain, the rule's handle (its index in the chain) and the rule's source text.
@@ -102,6 +107,37 @@ class _Walker:
                 "text": entry.text, "matched": bool(matched)}
 
 
+class _IptablesNftWalker:
+    """Like _Walker, for one iptables table as iptables-nft stores it: the twin of the nftables
+    kernel, its compat expressions running the twin iptables Table's xt extensions."""
+
+    def __init__(self, ruleset: Ruleset, table: str, local: np.ndarray, seed: int):
+        from bench.loaders.iptables_nft import translate_table
+
+        self.name = table
+        self.kernel = None
+        if table not in ruleset.tables:
+            return
+        compiled, builder = ruleset.tables[table], ruleset.builders[table]
+        self.chains = builder.chains
+        nft = translate_table(builder, compiled, ruleset.source)
+        self.kernel = kernels.load("nftables", "python").Ruleset.from_table(nft, local, seed)
+        self.kernel.attach_xt(kernels.load("iptables", "python").Table.from_compiled(compiled, local, seed=seed))
+
+    def walk(self, packet: np.ndarray, hook: int, decide=None):
+        """(result, steps) — result is None when the table has no base chain on ``hook``."""
+        if self.kernel is None or hook not in self.kernel.compiled.base_hook:
+            return None, []
+        trace: list = []
+        result = self.kernel.walk_one(packet[0], hook, trace=trace, decide=decide)
+        return result, [self._step(hook, *entry) for entry in trace]
+
+    def _step(self, hook: int, chain: int, handle: int, outcome: int) -> dict:
+        name = self.kernel.compiled.chain_names[chain]
+        return {"table": self.name, "hook": L.HOOK_NAMES[hook], "chain": name, "rule": handle + 1,
+                "text": self.chains[name].rules[handle].text, "matched": outcome != L.NFT_V_BREAK}
+
+
 def _all_branches(walk, choices):
     """Every walk the random choices allow, depth first, each choice's options in order.
 
@@ -144,12 +180,16 @@ def _filter_decision(result, steps) -> str | None:
 
 
 def trace_packet(ruleset: Ruleset, node_ips: list[str], src: str, dst: str, dport, proto: str = "tcp",
-                 all_endpoints: bool = False, seed: int = 0) -> dict:
+                 all_endpoints: bool = False, seed: int = 0, backend: str = "legacy") -> dict:
+    """``backend``: "legacy" (ipt_do_table) or "nft" (iptables-nft: the nft kernel)."""
     packet = make_packet(src, dst, dport, proto)
     local = np.array(sorted(ip_to_int(ip) for ip in node_ips), dtype=np.uint32)
     is_local = lambda address: (address >> 24) == 127 or address in local  # noqa: E731
-    nat = _Walker(ruleset.tables.get("nat"), "nat", local, seed)
-    filt = _Walker(ruleset.tables.get("filter"), "filter", local, seed)
+    if backend == "nft":
+        nat, filt = (_IptablesNftWalker(ruleset, name, local, seed) for name in ("nat", "filter"))
+    else:
+        nat = _Walker(ruleset.tables.get("nat"), "nat", local, seed)
+        filt = _Walker(ruleset.tables.get("filter"), "filter", local, seed)
     from_node = is_local(int(packet["src"][0]))
     nat_hook = L.HOOK_OUTPUT if from_node else L.HOOK_PREROUTING
 
@@ -160,7 +200,7 @@ def trace_packet(ruleset: Ruleset, node_ips: list[str], src: str, dst: str, dpor
     masquerade = _marked(walks, "KUBE-MARK-MASQ")
     nat_result, path = walks[0]
 
-    after = apply_nat(packet, np.array([nat_result], dtype=L.RESULT_DTYPE)) if nat_result is not None else packet
+    after = apply_nat(packet, np.array([nat_result])) if nat_result is not None else packet
     results, outputs = [nat_result], list(destinations)
     verdict = _run_filter(filt, after, from_node, is_local(int(after["dst"][0])), path, results, outputs)
     if verdict == "ACCEPT":
@@ -175,7 +215,7 @@ def trace_packet(ruleset: Ruleset, node_ips: list[str], src: str, dst: str, dpor
         "verdict": verdict,
         "endpoints": destinations,
         "path": path,
-        "counters": _counters(results),
+        "counters": _counters(results, L.NFT_WORK_COUNTERS if backend == "nft" else L.WORK_COUNTERS),
     }
 
 

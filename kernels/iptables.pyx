@@ -42,6 +42,9 @@ header and matches all succeed: jump rules, policies and tails too). Addresses a
 integers; the blob is little-endian, read in place (a little-endian host is assumed).
 
 The pure-Python twin is kernels.reference.iptables; both give identical results and counters.
+kernels/iptables.pxd exports Table's C API: iptables-nft's compat expressions in
+kernels/nftables.pyx call ``match``/``target`` on a Table (the twin: ``compat_match``/
+``compat_target``), so both backends run one implementation of every xt extension.
 """
 import numpy as np
 
@@ -433,7 +436,6 @@ def timer_overhead_ns(int samples=10000) -> int:
 
 # Both classes turn nonecheck off: `self` is never None in its own methods, and with the check
 # (debug builds) Cython rejects `self.attr += 1` without the GIL.
-@cython.final
 @cython.nonecheck(False)
 cdef class RecentLists:
     """xt_recent's tables: per --name, an LRU list (least recently updated first) of at most
@@ -443,16 +445,6 @@ cdef class RecentLists:
     memory follows the addresses actually recorded: kube-proxy's ClientIP affinity has one
     name per endpoint, and most of them stay empty.
     """
-
-    cdef uint32_t[::1] addr
-    cdef uint32_t[::1] seen
-    cdef int32_t[::1] prev
-    cdef int32_t[::1] next
-    cdef int32_t[::1] oldest
-    cdef int32_t[::1] newest
-    cdef int32_t[::1] count
-    cdef int32_t free  # freed slots, chained through `next`
-    cdef int32_t used  # slots ever handed out; the rest of the pool is untouched
 
     def __init__(self, int n_lists):
         self.oldest = np.full(n_lists, -1, dtype=np.int32)
@@ -550,35 +542,12 @@ def grown(old, Py_ssize_t capacity):
     return array
 
 
-@cython.final
 @cython.nonecheck(False)
 cdef class Table:
     """One loaded table (nat, filter, ...): the blob plus the kernel's per-table state.
 
     Like one CPU's view in the kernel (one jump stack, one RNG), a Table serves one thread.
     """
-
-    cdef const uint8_t[::1] blob
-    cdef int32_t[::1] _hook_entry
-    cdef int32_t[::1] _underflow
-    cdef int32_t[::1] jumpstack
-    cdef uint64_t[:, ::1] _counters
-    cdef uint64_t[:, ::1] _nfacct
-    cdef const uint32_t[::1] local_addrs
-    cdef uint64_t rng_state
-    cdef RecentLists recent
-    # -m set: the set objects (kept alive here), their addresses for the nogil walk, and each
-    # one's SETTYPE_* and number of dimensions
-    cdef list _sets
-    cdef uintptr_t[::1] _set_addrs
-    cdef const uint8_t[::1] _set_types
-    cdef const uint8_t[::1] _set_dims
-    cdef readonly int stacksize
-    cdef readonly int n_entries
-    cdef readonly object hook_entry
-    cdef readonly object underflow
-    cdef readonly object counters
-    cdef readonly object nfacct_counters
 
     def __init__(self, blob, hook_entry, underflow, int stacksize, int n_entries, local_addrs,
                  int n_recent=0, int n_nfacct=0, uint64_t seed=0, sets=None, set_names=()):
@@ -665,7 +634,7 @@ cdef class Table:
             r.bytes_touched += u16_at(t, X_SIZE)
             if t[X_KIND] != TARGET_STANDARD:
                 r.target_calls += 1
-                if not run_target(t, r):
+                if not self.target(t, r):
                     return
                 off = next_off
                 continue
@@ -694,6 +663,11 @@ cdef class Table:
         cdef uint32_t row = u32_at(e, E_RULE_INDEX)
         self._counters[row, 0] += 1
         self._counters[row, 1] += length
+
+    cdef bint target(self, const uint8_t *t, result_t *r) noexcept nogil:
+        """An extension target (True: XT_CONTINUE); a method so that iptables-nft's compat
+        expressions (kernels/nftables.pyx) reach it through this module's C API."""
+        return run_target(t, r)
 
     cdef bint matches(self, const uint8_t *e, const packet_t *p, result_t *r) noexcept nogil:
         cdef const uint8_t *m = e + ENTRY_SIZE

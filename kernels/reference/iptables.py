@@ -239,6 +239,22 @@ class Table:
                 w.verdict = ABSOLUTE_VERDICTS[v]
                 return w.record()
 
+    # ---- iptables-nft's nft_compat (kernels/reference/nftables.py): this Table's own xt
+    # extensions, on this Table's state, for a compat expression of the translated rule ------
+
+    def compat_match(self, entry: int, index: int, record: tuple, mark: int, decide=None) -> tuple:
+        """Match ``index`` of the entry at offset ``entry`` on the packet ``record`` (a
+        PACKET_DTYPE tuple) carrying ``mark``: (matched, its work as a RESULT_DTYPE row)."""
+        kind, _, args = self._entries[entry].matches[index]
+        w = _Walk(mark)
+        matched = self._match(kind, args, entry, _Packet(record), w, decide)
+        return matched, w.record()
+
+    def compat_target(self, entry: int, mark: int) -> tuple:
+        """The target of the entry at offset ``entry``: (XT_CONTINUE?, RESULT_DTYPE row)."""
+        w = _Walk(mark)
+        return _run_target(self._entries[entry], w), w.record()
+
     def _matches(self, e: _Entry, off: int, p: _Packet, w: _Walk, decide) -> bool:
         for kind, size, args in e.matches:
             w.match_calls += 1
