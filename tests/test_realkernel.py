@@ -92,6 +92,59 @@ def test_comparison_names_each_disagreeing_rule():
     assert (result["rules_compared"], result["rules_agreeing"]) == (2, 1)
 
 
+SMALL_RULESET = """*nat
+:PREROUTING ACCEPT [0:0]
+:POSTROUTING ACCEPT [0:0]
+COMMIT
+*filter
+:FORWARD ACCEPT [0:0]
+:KUBE-X - [0:0]
+-A FORWARD -j KUBE-X
+-A KUBE-X -d 10.96.0.10/32 -p tcp -m tcp --dport 80 -j ACCEPT
+COMMIT
+"""
+
+
+@pytest.mark.parametrize("model", [ctr.model_iptables_counters, ctr.model_iptables_nft_counters])
+def test_iptables_models_count_rules_and_policies_as_the_kernel_does(model):
+    # Two connections, four packets each, all forwarded. Only the first connection's SYN, ACK and
+    # RST match the ACCEPT; its SYN-ACK (to the client) and the second connection's four
+    # packets fall through to FORWARD's policy. nat runs for the two SYNs only.
+    connections = [ctr.Connection(61000, "10.96.0.10", 80), ctr.Connection(61001, "10.96.0.11", 80)]
+    counts, _ = model(SMALL_RULESET, ["100.64.0.1"], connections)
+    assert {key: n for key, n in counts.items() if n} == {("nat", "PREROUTING", 0): 2, ("nat", "POSTROUTING", 0): 2,
+                      ("filter", "FORWARD", 1): 8, ("filter", "KUBE-X", 1): 3, ("filter", "FORWARD", 0): 5}
+
+
+def test_the_iptables_nft_model_counts_what_the_legacy_model_counts_on_kube_proxy_rules():
+    prepared = runner.prepare("iptables", services=40, nodes=2, seed=3)
+    connections = runner.validation_connections(prepared, 30, prepared.seed + 7)
+    node_ips = prepared.cluster.config.node_ips
+    legacy = ctr.model_iptables_counters(prepared.updated_text, node_ips, connections, prepared.seed)
+    nft = ctr.model_iptables_nft_counters(prepared.updated_text, node_ips, connections, prepared.seed)
+    result = ctr.compare(legacy[0], nft[0], legacy[1], nft[1])
+    assert result["counters_agree"], result["disagreements"]
+    assert result["rules_compared"] > 100 and sum(nft[0].values()) >= 4 * len(connections)
+
+
+def test_each_tool_has_its_own_model_and_iptables_nft_reports_expressions():
+    prepared = runner.prepare("iptables", services=200, nodes=2, seed=3)
+    plan = runner._position_plan(prepared.targets, 4, prepared.seed)
+    legacy, legacy_path, no_expressions = runner.model_first_packets(prepared, plan, "iptables-legacy")
+    nft, nft_path, expressions = runner.model_first_packets(prepared, plan, "iptables-nft")
+    assert no_expressions is None and "expressions" not in legacy["last"]
+    assert runner.MODELS["iptables-nft"] == "iptables-nft"
+    # nft starts the same rules less the legacy policy and chain-tail entries, each rule
+    # several expressions; both grow from the first position to the last.
+    assert nft["last"]["entries_visited"] < legacy["last"]["entries_visited"]
+    assert nft["last"]["expressions"] > 2 * nft["last"]["entries_visited"]
+    assert nft["first"]["entries_visited"] < nft["last"]["entries_visited"]
+    assert (expressions > nft_path.entries_visited).all()
+    slopes = runner.ns_per_rule(list(nft_path.ns), nft_path.ns, expressions, "expression")
+    assert set(slopes) == {"kernel_ns_per_expression", "model_ns_per_expression"}
+    assert None not in slopes.values()
+
+
 @pytest.mark.parametrize("argv, field", [
     (["kernel", "--services", "0"], "--services"),
     (["kernel", "--connections", "-3"], "--connections"),
@@ -128,6 +181,8 @@ def test_non_root_is_one_line_and_exit_2(monkeypatch, capsys):
 def test_tiny_cluster_counters_agree_with_the_model(tiny, mode, tool):
     record = runner.measure_tool(tool, tiny[mode], connections=3, rounds=3, validation=6)
     assert record["source"] == "kernel" and record["tool"] == tool
+    assert record["model"] == {"iptables-legacy": "iptables"}.get(tool, tool)
+    assert ("expressions" in record["positions"]["first"]) == (tool != "iptables-legacy")
     assert record["validation_failed_connections"] == 0
     assert record["rules_compared"] > 10 and record["packets_counted"] > 0
     assert record["counters_agree"], record["disagreements"]
@@ -146,6 +201,16 @@ def test_a_mismatched_ruleset_is_caught(tiny):
     assert not result["counters_agree"]
     assert any(first.vip in d["text"] or d["rule"].startswith("nat/KUBE-SERVICES/")
                for d in result["disagreements"])
+    assert _ours() == []
+
+
+def test_a_mismatched_ruleset_is_caught_by_the_iptables_nft_model(tiny):
+    prepared = tiny["iptables"]
+    first = runner.validation_connections(prepared, 6, prepared.seed + 7)[0]
+    mismatched = prepared.updated_text.replace(f"-d {first.vip} ", "-d 10.96.0.1 ")
+    result = runner.validate("iptables-nft", prepared, 6, model_text=mismatched)
+    assert not result["counters_agree"]
+    assert any(d["rule"].startswith("nat/KUBE-SERVICES/") for d in result["disagreements"])
     assert _ours() == []
 
 

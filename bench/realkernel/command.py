@@ -134,22 +134,22 @@ def _per_rule(value) -> str:
 
 
 def summary(records: list[dict]) -> str:
-    """Model vs kernel, one line per point: first-packet extra time at the first and last
-    positions (kernel: connect p50 minus the no-rules baseline; model: the data path's p50),
-    ns per visited rule, round trips, rule loads and the counter agreement."""
-    header = (f"{'tool':<16}{'services':>9}  {'rules first→last':>17}  {'kernel µs first/last':>21}  "
+    """Model vs kernel, one line per point: the tool's model, first-packet extra time at the
+    first and last positions (kernel: connect p50 minus the no-rules baseline; model: the data
+    path's p50), ns per visited rule, round trips, rule loads and the counter agreement."""
+    header = (f"{'tool':<16}{'model':<13}{'services':>9}  {'rules first→last':>17}  {'kernel µs first/last':>21}  "
               f"{'model µs first/last':>20}  {'ns/rule k/m':>12}  {'rtt µs k/base':>14}  "
               f"{'load s full/partial':>20}  counters")
     lines = ["model vs kernel (p50; kernel times are noisy on a shared machine)", header]
     for r in records:
         if r.get("load_timed_out"):
-            lines.append(f"{r['tool']:<16}{r['services']:>9,}  rule load took over {r['load_timeout_seconds']:g} s: "
+            lines.append(f"{r['tool']:<16}{'':<13}{r['services']:>9,}  rule load took over {r['load_timeout_seconds']:g} s: "
                          "not measured")
             continue
         first, last = r["positions"]["first"], r["positions"]["last"]
         rtt = r["established_rtt_ns"]
         lines.append(
-            f"{r['tool']:<16}{r['services']:>9,}  "
+            f"{r['tool']:<16}{r['model']:<13}{r['services']:>9,}  "
             f"{first['entries_visited']:>8.0f}→{last['entries_visited']:<8.0f}  "
             f"{_us(first['extra_ns']['p50']):>10}/{_us(last['extra_ns']['p50']):<10}  "
             f"{_us(first['model_ns']['p50']):>9}/{_us(last['model_ns']['p50']):<10}  "

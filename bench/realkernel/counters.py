@@ -10,6 +10,12 @@ packets:
   (conntrack hit: filter only) and the SYN-ACK from the endpoint. Its tables' per-entry
   counters are compared with ``iptables-save -c``: every rule, and the built-in chains'
   policy counters, by (table, chain, position in the chain).
+- iptables-nft: ``iptables-nft-save -c`` prints the same rules and policy counters, read from
+  nft counters. Its model is :class:`~bench.measure.iptables_nft.IptablesNftDatapath`: the
+  same packets walk its nft tables (on the nftables twin, traced), and each rule whose
+  ``counter`` expression is reached counts one (see :func:`model_iptables_nft_counters`). The
+  verdicts are the legacy model's, so the counts must equal it too; they come from the nft
+  walk so that a difference in the translation shows.
 - nftables: kube-proxy's nftables rules carry almost no counters, so validation loads a copy
   of the ruleset with a ``counter`` statement at the start of every rule: it counts the
   packets that *start* the rule, matched or not. The nftables twin's trace reports exactly
@@ -31,6 +37,7 @@ import kernels
 from bench.loaders import iptables as iptables_loader
 from bench.loaders import nftables as nft_loader
 from bench.measure.iptables import IptablesDatapath
+from bench.measure.iptables_nft import IptablesNftDatapath
 from bench.measure.path import apply_nat, is_local
 from bench.netaddr import PROTOCOLS, ip_to_int
 from bench.realkernel.netns import CLIENT_IP, run
@@ -117,12 +124,78 @@ def model_iptables_counters(text: str, node_ips: list[str], connections: list[Co
         raise AssertionError("the model's conntrack missed a reply of a confirmed connection")
     counts, texts = {}, {}
     for name, table in (("nat", datapath.nat), ("filter", datapath.filter)):
-        for row, entry in enumerate(ruleset.tables[name].entries):
-            if entry.kind in ("rule", "policy"):
-                key = (name, entry.chain, entry.rule_number if entry.kind == "rule" else 0)
-                counts[key] = int(table.counters[row, 0])
-                texts[key] = entry.text
+        for row, key, text in _counted_entries(ruleset, name):
+            counts[key], texts[key] = int(table.counters[row, 0]), text
     return counts, texts
+
+
+def _counted_entries(ruleset, table: str):
+    """(row, (table, chain, n), text) of the table's rules and built-in chains' policies, the
+    keys parse_iptables_save gives them."""
+    for row, entry in enumerate(ruleset.tables[table].entries):
+        if entry.kind in ("rule", "policy"):
+            yield row, (table, entry.chain, entry.rule_number if entry.kind == "rule" else 0), entry.text
+
+
+# --- iptables-nft ---------------------------------------------------------------------------
+
+_ENDS_BASE_CHAIN = (L.NFT_V_ACCEPT, L.NFT_V_DROP, L.NFT_V_REJECT)
+
+
+def model_iptables_nft_counters(text: str, node_ips: list[str], connections: list[Connection],
+                                seed: int = 0) -> tuple[dict, dict]:
+    """The iptables-nft model's per-rule packet counts after the connections' four packets.
+
+    IptablesNftDatapath's tables on the twin of the nftables kernel, walked packet by packet
+    with its trace, hook by hook in the order of IptablesDatapath.process. iptables-nft puts
+    each rule's ``counter`` after its matches and before its target, so a rule counts a packet
+    when none of its expressions failed (trace outcome not NFT_V_BREAK). A base chain's own
+    counter (``iptables-nft-save``'s policy counter) counts the packets that reach its policy:
+    nft_do_chain updates it only then, so none of the walk's rules accepted, dropped or rejected.
+    """
+    ruleset = iptables_loader.load(text, source="validation ruleset")
+    datapath = IptablesNftDatapath(ruleset, node_ips, seed=seed, backend="python")
+    tables = {"nat": datapath.nat, "filter": datapath.filter}
+    counted: Counter = Counter()
+
+    def walk(name: str, packets: np.ndarray, hook: int) -> np.ndarray:
+        twin = tables[name]
+        results = []
+        for packet in packets:
+            trace: list = []
+            results.append(twin.walk_one(packet, hook, trace=trace))
+            counted.update((name, twin.compiled.chain_names[chain], handle + 1)
+                           for chain, handle, outcome in trace if outcome != L.NFT_V_BREAK)
+            base = _base_chain_run(twin.compiled, hook, int(packet["ctstate"]))
+            if base is not None and not any(outcome in _ENDS_BASE_CHAIN for *_, outcome in trace):
+                counted[(name, base, 0)] += 1
+        return np.array(results, dtype=L.NFT_RESULT_DTYPE)
+
+    def filter_hook(packets: np.ndarray) -> None:
+        local = datapath.is_local(packets["dst"])
+        walk("filter", packets[local], L.HOOK_INPUT)
+        walk("filter", packets[~local], L.HOOK_FORWARD)
+
+    syn = syn_packets(connections)
+    after_nat = apply_nat(syn, walk("nat", syn, L.HOOK_PREROUTING))
+    filter_hook(after_nat)
+    walk("nat", after_nat, L.HOOK_POSTROUTING)
+    # The ACK, the RST (conntrack applies the stored DNAT) and the SYN-ACK: filter only.
+    filter_hook(np.concatenate([_later(after_nat), _later(after_nat), _replies(after_nat)]))
+    counts, texts = {}, {}
+    for name in tables:
+        for _, key, text in _counted_entries(ruleset, name):
+            counts[key], texts[key] = counted[key], text
+    return counts, texts
+
+
+def _base_chain_run(compiled, hook: int, ctstate: int) -> str | None:
+    """The name of the table's base chain that runs on ``hook`` for this packet, if any
+    (iptables-nft gives each hook of a table at most one; nat ones run for NEW packets only)."""
+    for i in range(len(compiled.base_hook)):
+        if compiled.base_hook[i] == hook and (ctstate & L.CT_NEW or not compiled.base_nat[i]):
+            return compiled.chain_names[int(compiled.base_chain[i])]
+    return None
 
 
 # --- nftables -------------------------------------------------------------------------------

@@ -18,6 +18,11 @@ ruleset (nftables: the copy with a counter on every rule), a known set of connec
 distinct services, and the kernel's per-rule counters against the model's
 (bench.realkernel.counters).
 
+Each tool has its own model (``MODELS``, named in the record's ``model``): iptables-legacy the
+legacy iptables data path, iptables-nft the same rules as iptables-nft stores them on the nft
+kernel (bench.measure.iptables_nft: rules visited are nft rules started, and the record adds
+nft expressions per packet), nftables the nftables data path.
+
 Clusters have one endpoint per service: the kernel's ``statistic``/``numgen`` draws are not
 the model's seeded ones, so with several endpoints the per-endpoint counters could not agree.
 """
@@ -38,7 +43,10 @@ from bench.errors import InputError
 from bench.loaders import iptables as iptables_loader
 from bench.loaders import nftables as nft_loader
 from bench.measure.iptables import IptablesDatapath
+from bench.measure.iptables_nft import IptablesNftDatapath
+from bench.measure.iptables_nft import NftPathResult as IptablesNftPathResult
 from bench.measure.nftables import NftablesDatapath
+from bench.measure.nftables import NftPathResult as NftablesPathResult
 from bench.proxies import iptables as iptables_writer
 from bench.proxies import nftables as nft_writer
 from bench.realkernel import counters as ctr
@@ -51,6 +59,15 @@ MAX_VALIDATION = 4000
 # iptables-nft-restore is superlinear: 5,000 services take ~25 s here, 20,000 over 10 minutes.
 DEFAULT_LOAD_TIMEOUT = 60.0
 MIN_RULES_FOR_SLOPE = 50  # fewer rules between first and last: the slope is mostly noise
+
+# The model each tool is compared with: its data path (timing, rules visited) and its per-rule
+# counters. iptables-nft's is the iptables rules as iptables-nft stores them, on the nft kernel.
+MODELS = {"iptables-legacy": "iptables", "iptables-nft": "iptables-nft", "nftables": "nftables"}
+DATAPATHS = {"iptables": (iptables_loader.load, IptablesDatapath),
+             "iptables-nft": (iptables_loader.load, IptablesNftDatapath),
+             "nftables": (nft_loader.load, NftablesDatapath)}  # (loader of the ruleset text, data path)
+MODEL_COUNTERS = {"iptables": ctr.model_iptables_counters, "iptables-nft": ctr.model_iptables_nft_counters,
+                  "nftables": ctr.model_nft_counters}
 
 
 @dataclass
@@ -211,8 +228,7 @@ def validate(tool: str, prepared: Prepared, count: int, model_text: str | None =
         else:
             kernel = ctr.kernel_iptables_counters(PROGRAMS[tool][1], topology.node)
     node_ips = prepared.cluster.config.node_ips
-    model_counters = ctr.model_nft_counters if tool == "nftables" else ctr.model_iptables_counters
-    model = model_counters(model_text or prepared.updated_text, node_ips, connections, prepared.seed)
+    model = MODEL_COUNTERS[MODELS[tool]](model_text or prepared.updated_text, node_ips, connections, prepared.seed)
     return {"validation_connections": len(connections),
             "validation_failed_connections": sum(t < 0 for t in times),
             **ctr.compare(kernel[0], model[0], kernel[1], model[1])}
@@ -223,24 +239,34 @@ def _topology(prepared: Prepared) -> Topology:
     return Topology(prepared.cluster.config.node_ips, pod_cidrs)
 
 
-def model_first_packets(prepared: Prepared, plan: list[tuple[str, int]]):
-    """The model's data path for the same first packets: ns and entries visited per
-    position, and the per-packet PathResult."""
+def model_first_packets(prepared: Prepared, plan: list[tuple[str, int]], tool: str):
+    """The tool's model's data path for the same first packets: ns, rules visited and nft
+    expressions evaluated per position; the per-packet PathResult and expressions (None for
+    the legacy model, which has no expressions)."""
     connections = [ctr.Connection(40000 + i % 20000, *prepared.targets[t][:2]) for i, (_, t) in enumerate(plan)]
     syn = ctr.syn_packets(connections)
     node_ips = prepared.cluster.config.node_ips
-    if prepared.mode == "iptables":
-        datapath = IptablesDatapath(iptables_loader.load(prepared.full_text, "model"), node_ips, seed=prepared.seed)
-    else:
-        datapath = NftablesDatapath(nft_loader.load(prepared.full_text, "model"), node_ips, seed=prepared.seed)
-    result = datapath.process(syn)
+    load, datapath = DATAPATHS[MODELS[tool]]
+    result = datapath(load(prepared.full_text, "model"), node_ips, seed=prepared.seed).process(syn)
+    expressions = _expressions(result)
     names = np.array([name for name, _ in plan])
     summary = {}
     for position in POSITIONS:
         chosen = names == position
         summary[position] = {"model_ns": _percentiles(result.ns[chosen]),
                              "entries_visited": float(result.entries_visited[chosen].mean())}
-    return summary, result
+        if expressions is not None:
+            summary[position]["expressions"] = float(expressions[chosen].mean())
+    return summary, result, expressions
+
+
+def _expressions(result) -> np.ndarray | None:
+    """nft expressions evaluated per packet, every hook included; None for the legacy model."""
+    if isinstance(result, NftablesPathResult):
+        return result.total("expressions")
+    if isinstance(result, IptablesNftPathResult):
+        return result.expressions
+    return None
 
 
 def measure_tool(tool: str, prepared: Prepared, connections: int, rounds: int, validation: int,
@@ -268,7 +294,7 @@ def measure_tool(tool: str, prepared: Prepared, connections: int, rounds: int, v
         kernel_rtt = client.round_trips(services_addr[0], rounds)
         partial_seconds = _timed(partial_load, topology.node, prepared.partial_text, load_timeout)
     validation_result = validate(tool, prepared, validation)
-    model, model_path = model_first_packets(prepared, plan)
+    model, model_path, expressions = model_first_packets(prepared, plan, tool)
     names = [name for name, _ in plan]
     positions = {}
     for position in POSITIONS:
@@ -281,7 +307,7 @@ def measure_tool(tool: str, prepared: Prepared, connections: int, rounds: int, v
             "extra_ns": _difference(k, b), "rules_extra_ns": _difference(k, c),
             "failed": sum(kernel[i] < 0 for i in chosen), **model[position]}
     return {
-        "source": "kernel", "kind": "kernel_point", "mode": prepared.mode, "tool": tool,
+        "source": "kernel", "kind": "kernel_point", "mode": prepared.mode, "tool": tool, "model": MODELS[tool],
         "services": prepared.services, "endpoints": 1, "nodes": prepared.nodes, "seed": prepared.seed,
         "connections_per_position": connections, "service_ports": len(targets),
         "positions": positions,
@@ -290,6 +316,7 @@ def measure_tool(tool: str, prepared: Prepared, connections: int, rounds: int, v
         "sync_partial_proxy_rules_duration_seconds": partial_seconds,
         **ns_per_rule(kernel, model_path.ns, model_path.entries_visited),
         **ns_per_rule_overall(positions["random"]),
+        **({} if expressions is None else ns_per_rule(kernel, model_path.ns, expressions, "expression")),
         **validation_result,
     }
 
@@ -299,17 +326,18 @@ def _difference(measured: dict, baseline: dict) -> dict:
             for p in measured}
 
 
-def ns_per_rule(kernel_ns: list[int], model_ns: np.ndarray, visited: np.ndarray) -> dict:
+def ns_per_rule(kernel_ns: list[int], model_ns: np.ndarray, visited: np.ndarray, unit: str = "rule") -> dict:
     """ns per visited rule: the Theil–Sen slope (robust to the noisy machine's outliers) of
     each connection's time against the rules the model says its first packet visits, for the
     kernel's connect times and for the model's data path. Fixed costs drop out of a slope.
-    None when the connections' rule counts barely differ (nftables, tiny clusters)."""
+    None when the connections' rule counts barely differ (nftables, tiny clusters).
+    ``unit="expression"``: the same against the nft expressions the model evaluates."""
     kernel = np.asarray(kernel_ns, dtype=float)
     ok = kernel >= 0
     if not ok.any() or np.ptp(visited[ok]) < MIN_RULES_FOR_SLOPE:
-        return {"kernel_ns_per_rule": None, "model_ns_per_rule": None}
-    return {"kernel_ns_per_rule": float(theilslopes(kernel[ok], visited[ok])[0]),
-            "model_ns_per_rule": float(theilslopes(model_ns.astype(float), visited)[0])}
+        return {f"kernel_ns_per_{unit}": None, f"model_ns_per_{unit}": None}
+    return {f"kernel_ns_per_{unit}": float(theilslopes(kernel[ok], visited[ok])[0]),
+            f"model_ns_per_{unit}": float(theilslopes(model_ns.astype(float), visited)[0])}
 
 
 def ns_per_rule_overall(random_position: dict) -> dict:
