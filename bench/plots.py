@@ -388,3 +388,49 @@ def _netprog_kep3453(ax, rows: pd.DataFrame, columns: dict[int, str]) -> None:
                     color="black", linestyle="none", label="published (KEP-3453)" if index == 0 else None)
     ax.set_xticks(range(len(rows)), [str(loop).replace(", ", "\n") for loop in rows["loop"]], fontsize=7)
     ax.set_title("iptables at 5,000 nodes: model against KEP-3453's published latency", fontsize=9)
+
+
+# Model vs kernel (`kpbench kernel` records): the first-packet positions drawn, and how a
+# mode's kernel tools are told apart (iptables has two: iptables-legacy and iptables-nft).
+KERNEL_POSITIONS = {"first": "first service in KUBE-SERVICES", "last": "last service in KUBE-SERVICES",
+                    "random": "a random service"}
+KERNEL_LINES = (("-", "full"), ((0, (5, 2)), "left"))  # (line style, marker fill) per tool of a mode
+MODEL_LINE = (0, (1, 1.5))  # dotted, hollow markers
+
+
+def kernel_points(frame: pd.DataFrame) -> pd.DataFrame:
+    """The real-kernel records, the latest per tool and services count (a rerun replaces)."""
+    rows = frame[frame["kind"] == "kernel_point"] if "kind" in frame else frame.iloc[:0]
+    if rows.empty:
+        return rows
+    return rows.drop_duplicates(["tool", "services"], keep="last").sort_values(["tool", "services"])
+
+
+def model_vs_kernel(frame: pd.DataFrame, path: Path) -> Path:
+    """First-packet extra time against services at the first, last and a random position:
+    the kernel's connect p50 minus its no-rules baseline, one line per tool (solid, filled
+    markers), and the model's data path p50, one line per mode (dotted, hollow markers).
+    Linear in time: on a small cluster the kernel's extra time is within its noise and may
+    be below zero."""
+    rows = kernel_points(frame)
+    columns = [f"positions.{p}.{side}.p50" for p in KERNEL_POSITIONS for side in ("extra_ns", "model_ns")]
+    if rows.empty or any(c not in rows for c in columns):
+        raise MissingData("no kernel_point records with first-packet times (run `kpbench kernel`)")
+    rows = rows.dropna(subset=columns, how="all")
+    fig, axes = _panels(len(KERNEL_POSITIONS), width=4.8)
+    for ax, (position, title) in zip(axes, KERNEL_POSITIONS.items()):
+        for mode, mine in rows.groupby("mode"):
+            s = style(mode)
+            for index, (tool, group) in enumerate(mine.groupby("tool")):
+                linestyle, fill = KERNEL_LINES[index % len(KERNEL_LINES)]
+                ax.plot(group["services"], group[f"positions.{position}.extra_ns.p50"] / 1000, color=s.colour,
+                        marker=s.marker, linestyle=linestyle, fillstyle=fill, markerfacecoloralt="white",
+                        label=f"{tool}: kernel")
+            model = mine.groupby("services")[f"positions.{position}.model_ns.p50"].median()
+            ax.plot(model.index, model / 1000, color=s.colour, marker=s.marker, linestyle=MODEL_LINE,
+                    markerfacecolor="white", label=f"{mode}: model")
+        ax.axhline(0, color="black", linewidth=0.6)
+        ax.set_title(title, fontsize=9)
+    return _finish(fig, axes, "First packet, model vs real kernel (p50; kernel: connect time minus "
+                   "no-rules baseline)", path, "services", ["extra first-packet time, µs"] * len(axes),
+                   logy=False)

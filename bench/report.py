@@ -19,6 +19,8 @@ from bench import plots
 from bench.analysis import complexity, crossovers, fit_loglog
 from bench.cli import write_atomically
 from bench.errors import InputError
+from bench.realkernel.prereq import MODE_TOOLS
+from bench.realkernel.runner import MIN_RULES_FOR_SLOPE
 from bench.results import FORMAT_VERSION, read_jsonl, results_frame as flatten
 from bench.sweep import MODELLED_CPUS, MODES, PROFILES, profile_points
 
@@ -27,6 +29,7 @@ from bench.sweep import MODELLED_CPUS, MODES, PROFILES, profile_points
 class Table:
     columns: list[str]
     rows: list[list[str]]
+    id: str | None = None
 
     def markdown(self) -> str:
         lines = ["| " + " | ".join(self.columns) + " |", "|" + "---|" * len(self.columns)]
@@ -49,6 +52,7 @@ class Section:
     figures: list[Figure] = field(default_factory=list)
     tables: list[Table] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    alerts: list[str] = field(default_factory=list)  # shown more loudly than notes
 
 
 # ---------------------------------------------------------------------------- reading results
@@ -365,6 +369,154 @@ def _tables(table: pd.DataFrame, labels: dict, formats: dict[str, str]) -> list[
     return [Table(list(table.columns), rows)]
 
 
+# ---------------------------------------------------------------------------- model vs kernel
+
+KERNEL_TEXT = (
+    "`kpbench kernel` loads the same rulesets into the real Linux kernel (network namespaces of its "
+    "own, one endpoint per service) with each tool, times TCP connects to services at the first, "
+    "last and random positions of KUBE-SERVICES, and runs the model on the same SYNs. ns per visited "
+    "rule: the Theil–Sen slope of each connection's time against the rules its first packet visits "
+    "(fixed costs drop out; it needs {min_rules}+ rules between the first and last service, so not "
+    "for nftables' map lookups or tiny clusters). Overall: the p50 at random positions (kernel: over "
+    "conntrack alone) divided by the rules visited, fixed costs left in. Counters: after a known set "
+    "of connections, every rule's packet counter in the kernel against the model's, which must agree "
+    "exactly. Kernel times are connect times on a shared machine: noisy, compare the trend.")
+
+
+def kernel_command(rows: pd.DataFrame, results: Path) -> str:
+    """The `kpbench kernel` call that measures these kernel points again (as root)."""
+    modes = " ".join(sorted(rows["mode"].unique()))
+    services = " ".join(str(int(s)) for s in sorted(rows["services"].unique()))
+    connections = rows["connections_per_position"].dropna() if "connections_per_position" in rows else []
+    options = f" --connections {int(max(connections))}" if len(connections) else ""
+    return (f"kpbench kernel --modes {modes} --services {services}{options} --nodes {int(rows['nodes'].iloc[-1])} "
+            f"--seed {int(rows['seed'].iloc[-1])} --out {shlex.quote(str(Path(results).parent))}")
+
+
+def _timed_out(row: pd.Series) -> bool:
+    value = row.get("load_timed_out")
+    return value is not None and not pd.isna(value) and bool(value)
+
+
+def _measured(rows: pd.DataFrame) -> pd.DataFrame:
+    """The kernel records whose rules loaded in time (the others carry no measurements)."""
+    return rows[[not _timed_out(r) for _, r in rows.iterrows()]]
+
+
+def _ratio(kernel, model) -> str:
+    """kernel ÷ model; none when either is at or below zero (noise, see the section's note)."""
+    return "—" if pd.isna(kernel) or pd.isna(model) or min(kernel, model) <= 0 else f"{kernel / model:.2f}×"
+
+
+def _agreement(row: pd.Series) -> str:
+    agreeing, compared = int(row["rules_agreeing"]), int(row["rules_compared"])
+    if agreeing == compared:
+        return f"{agreeing:,}/{compared:,} ✓"
+    return f"{agreeing:,}/{compared:,} ✗ {compared - agreeing:,} disagree"
+
+
+def kernel_table(rows: pd.DataFrame) -> Table:
+    """One row per tool and services count: ns per visited rule of both and their ratio, the
+    counter agreement and the real tool's rule-load times."""
+    table = Table(["tool", "mode", "services", "rules visited first→last", "model ns/rule",
+                   "kernel ns/rule", "kernel ÷ model", "model ns/rule overall", "kernel ns/rule overall",
+                   "kernel ÷ model overall", "counters agreeing / compared", "rule load full / partial, s"],
+                  [], id="model-vs-kernel-table")
+    for _, r in rows.iterrows():
+        head = [r["tool"], r["mode"], f"{int(r['services']):,}"]
+        if _timed_out(r):
+            table.rows.append(head + [f"not measured: the rule load took over {r['load_timeout_seconds']:g} s"]
+                              + ["—"] * (len(table.columns) - 4))
+            continue
+        table.rows.append(head + [
+            f"{r['positions.first.entries_visited']:,.0f}→{r['positions.last.entries_visited']:,.0f}",
+            _fmt(r["model_ns_per_rule"], ",.1f"), _fmt(r["kernel_ns_per_rule"], ",.1f"),
+            _ratio(r["kernel_ns_per_rule"], r["model_ns_per_rule"]),
+            _fmt(r["model_ns_per_rule_overall"], ",.1f"), _fmt(r["kernel_ns_per_rule_overall"], ",.1f"),
+            _ratio(r["kernel_ns_per_rule_overall"], r["model_ns_per_rule_overall"]),
+            _agreement(r), f"{r['sync_full_proxy_rules_duration_seconds']:.3f} / "
+                           f"{r['sync_partial_proxy_rules_duration_seconds']:.3f}"])
+    return table
+
+
+def _disagreeing(rows: pd.DataFrame) -> pd.DataFrame:
+    if "rules_compared" not in rows:
+        return rows.iloc[:0]
+    return rows[rows["rules_compared"].notna() & (rows["rules_agreeing"] != rows["rules_compared"])]
+
+
+def _disagreement_alert(row: pd.Series) -> str:
+    listed = row.get("disagreements")
+    listed = listed if isinstance(listed, list) else []
+    shown = "; ".join(f"{d['rule']} ({d['text']}): kernel {d['kernel']}, model {d['model']}" for d in listed[:5])
+    count = int(row["rules_compared"] - row["rules_agreeing"])
+    return (f"{row['tool']} at {int(row['services']):,} services: {count:,} of {int(row['rules_compared']):,} "
+            f"rule counters disagree with the model" + (f" — {shown}" if shown else "")
+            + (" …" if count > len(listed[:5]) else "") + ".")
+
+
+def kernel_section(frame: pd.DataFrame, out: Path, results: Path, report_command: str) -> Section:
+    rows = plots.kernel_points(frame)
+    section = Section("model-vs-kernel", "Model vs kernel", KERNEL_TEXT.format(min_rules=MIN_RULES_FOR_SLOPE))
+    if rows.empty:
+        modes = [m for m in MODE_TOOLS if m in set(plots.points(frame)["mode"])] or list(MODE_TOOLS)
+        section.notes.append(
+            "Real-kernel measurements are not in these results (no records of kind \"kernel_point\"). "
+            f"To add them run, as root, `kpbench kernel --modes {' '.join(modes)} --out "
+            f"{shlex.quote(str(Path(results).parent))}` and then `{report_command}`.")
+        return section
+    section.tables.append(kernel_table(rows))
+    section.alerts += [_disagreement_alert(r) for _, r in _disagreeing(rows).iterrows()]
+    measured = _measured(rows)
+    per_rule = measured.filter(["kernel_ns_per_rule", "kernel_ns_per_rule_overall"])
+    if (per_rule <= 0).any().any():
+        section.notes.append("A kernel figure at or below zero: at that size the rules cost less than this "
+                             "machine's noise in a connect time.")
+    failed = measured.filter(regex=r"^positions\.\w+\.failed$|^validation_failed_connections$").sum().sum()
+    if failed:
+        section.notes.append(f"{int(failed):,} kernel connections failed and are not in the times.")
+    try:
+        path = plots.model_vs_kernel(frame, out / "model_vs_kernel.png")
+    except plots.MissingData as missing:
+        section.notes.append(f"first-packet latency, model vs kernel: not in these results ({missing}).")
+        return section
+    uri = "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
+    section.figures.append(Figure(path.name, "first-packet latency against services, model vs real kernel",
+                                  uri, f"{kernel_command(rows, results)} && {report_command}"))
+    return section
+
+
+def kernel_summary(frame: pd.DataFrame) -> tuple[list[str], str | None]:
+    """The summary's model-vs-kernel sentences: the counter agreement (the alert when any
+    disagree) and each tool's ns per visited rule at its largest measured size."""
+    rows = plots.kernel_points(frame)
+    if rows.empty:
+        return ["Not compared with the real kernel in these results (see Model vs kernel)."], None
+    measured = _measured(rows)
+    if measured.empty:
+        return ["Real kernel: no point was measured (every rule load took longer than `kpbench kernel "
+                "--load-timeout`; see Model vs kernel)."], None
+    disagreeing = _disagreeing(measured)
+    compared = int(measured["rules_compared"].sum())
+    alert, sentences = None, []
+    if not disagreeing.empty:
+        alert = (f"Real kernel: rule counters DISAGREE with the model at {len(disagreeing)} of {len(measured)} "
+                 "points (" + ", ".join(f"{r['tool']} {int(r['services']):,} services"
+                                       for _, r in disagreeing.iterrows()) + "): see Model vs kernel.")
+    else:
+        sentences.append(f"Real kernel: every rule counter agrees with the model ({len(measured)} points, "
+                         f"{compared:,} rule counters compared; tools {', '.join(measured['tool'].unique())}).")
+    for tool, mine in measured.groupby("tool"):
+        r = mine.iloc[-1]
+        slope = pd.notna(r["kernel_ns_per_rule"]) and pd.notna(r["model_ns_per_rule"])
+        suffix, label = ("", "") if slope else ("_overall", " overall")
+        kernel, model = r["kernel_ns_per_rule" + suffix], r["model_ns_per_rule" + suffix]
+        sentences.append(f"{tool} at {int(r['services']):,} services: kernel {_fmt(kernel, ',.1f')} ns per visited "
+                         f"rule{label}, model {_fmt(model, ',.1f')} "
+                         f"(kernel ÷ model {_ratio(kernel, model)}).")
+    return sentences, alert
+
+
 # ---------------------------------------------------------------------------- writing
 
 def write_report(results: Path, out: Path) -> list[Path]:
@@ -377,14 +529,16 @@ def write_report(results: Path, out: Path) -> list[Path]:
     table, services, endpoints = headline(frame)
     by_size, sentences = winners(frame)
     fits, crossings, headline_crossings = analysis_sections(frame)
-    sections = figure_sections(frame, out, results, report_command) + [fits, crossings]
+    sections = (figure_sections(frame, out, results, report_command)
+                + [kernel_section(frame, out, results, report_command), fits, crossings])
+    kernel_sentences, kernel_alert = kernel_summary(frame)
     context = {
         "results": str(results), "headline": table, "headline_services": services,
         "headline_endpoints": endpoints, "winners": by_size, "sentences": sentences,
         "crossovers": headline_crossings, "machine": machine(frame),
         "ran": [plots.mode_labels(frame)[m] for m in ran],
         "missing": [m for m in MODES if m not in ran], "sections": sections,
-        "report_command": report_command,
+        "report_command": report_command, "kernel_sentences": kernel_sentences, "kernel_alert": kernel_alert,
     }
     environment = Environment(loader=PackageLoader("bench", "templates"),
                               autoescape=select_autoescape(["html.j2"], default_for_string=False),

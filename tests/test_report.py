@@ -214,6 +214,207 @@ def test_every_mode_has_its_own_marker_and_line_style():
         assert len(set(values)) == len(modes), part
 
 
+# ------------------------------------------------------------------ model vs kernel
+
+class FakeKernel:
+    """Stands in for the namespaces, the tools and the kernel so that runner.measure_tool and
+    runner.validate build their records for real without root: connect times grow by
+    ``ns_per_position`` per service further down KUBE-SERVICES, and the kernel's rule counters
+    are the model's (plus one packet on one rule with ``off_by_one``)."""
+
+    def __init__(self, prepared, ns_per_position, off_by_one=False):
+        from bench.realkernel import counters, runner
+
+        self.prepared, self.off_by_one = prepared, off_by_one
+        self.position = {tuple(t[:2]): i for i, t in enumerate(prepared.targets)}
+        self.ns_per_position = ns_per_position
+        connections = runner.validation_connections(prepared, VALIDATION, prepared.seed + 7)
+        model = counters.model_nft_counters if prepared.mode == "nftables" else counters.model_iptables_counters
+        self.counters = model(prepared.updated_text, prepared.cluster.config.node_ips, connections, prepared.seed)
+
+    def connect(self, addresses, sports=None):
+        return [30_000 + self.ns_per_position * self.position.get(tuple(a), 0) for a in addresses]
+
+    def round_trips(self, address, rounds):
+        return [20_000] * rounds
+
+    def kernel_counters(self, *args):
+        counts, texts = dict(self.counters[0]), self.counters[1]
+        if self.off_by_one:
+            rule = next(key for key, count in counts.items() if count)
+            counts[rule] += 1
+        return counts, texts
+
+
+VALIDATION = 8
+
+
+def kernel_record(tool, services, ns_per_position, off_by_one=False):
+    """A kernel_point record from runner.measure_tool with the FakeKernel in place of the kernel."""
+    import contextlib
+    import types
+
+    from bench.realkernel import counters, runner
+
+    prepared = runner.prepare("nftables" if tool == "nftables" else "iptables", services, 3, seed=0)
+    fake = FakeKernel(prepared, ns_per_position, off_by_one)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(runner, "_topology", lambda p: contextlib.nullcontext(types.SimpleNamespace(node="node")))
+        patch.setattr(runner, "_start_backends", lambda topology, ports: None)
+        patch.setattr(runner, "_Client", lambda topology: fake)
+        patch.setattr(runner, "run", lambda *args, **kwargs: None)
+        patch.setattr(runner, "_timed", lambda *args: 0.25)
+        patch.setattr(counters, "kernel_iptables_counters", fake.kernel_counters)
+        patch.setattr(counters, "kernel_nft_counters", fake.kernel_counters)
+        return runner.measure_tool(tool, prepared, connections=6, rounds=3, validation=VALIDATION)
+
+
+def stamped(records):
+    return [{"format": FORMAT_VERSION, **r} for r in records]
+
+
+def cells(table_html):
+    return [re.findall(r"<td[^>]*>([^<]*)</td>", row) for row in re.findall(r"<tr>(.*?)</tr>", table_html)[1:]]
+
+
+@pytest.fixture(scope="module")
+def kernel_records():
+    """iptables-legacy at 60 and 120 services, nftables at 60, iptables-nft at 60 with one
+    kernel counter off by one, and an iptables-nft point whose rule load timed out (as
+    `kpbench kernel` records it)."""
+    agreeing = [kernel_record("iptables-legacy", 60, 40), kernel_record("iptables-legacy", 120, 40),
+                kernel_record("nftables", 60, 5)]
+    wrong = kernel_record("iptables-nft", 60, 90, off_by_one=True)
+    timed_out = {"source": "kernel", "kind": "kernel_point", "mode": "iptables", "tool": "iptables-nft",
+                 "services": 5000, "endpoints": 1, "nodes": 3, "seed": 0, "load_timed_out": True,
+                 "load_timeout_seconds": 60.0}
+    return agreeing + [wrong, timed_out]
+
+
+@pytest.fixture(scope="module")
+def kernel_report(records, kernel_records, tmp_path_factory):
+    """The sweep's report with the kernel records added."""
+    out = tmp_path_factory.mktemp("kernel")
+    write_jsonl(out / "results.jsonl", records + stamped(kernel_records))
+    assert main(["report", "--results", str(out / "results.jsonl"), "--out", str(out)]) == 0
+    page = html.unescape((out / "index.html").read_text())
+    section = re.search(r'<section id="model-vs-kernel">(.*?)</section>', page, re.S).group(1)
+    return out, page, section
+
+
+def kernel_rows(section):
+    table = re.search(r'<table id="model-vs-kernel-table">(.*?)</table>', section, re.S).group(1)
+    return {(row[0], row[2]): row for row in cells(table)}
+
+
+def test_model_vs_kernel_section_lists_each_tool_with_its_ratio_and_agreement(kernel_report, kernel_records):
+    out, page, section = kernel_report
+    rows = kernel_rows(section)
+    assert set(rows) == {(r["tool"], f"{r['services']:,}") for r in kernel_records}
+    agreeing = [r for r in kernel_records if r.get("counters_agree")]
+    for record in agreeing:
+        row = rows[(record["tool"], f"{record['services']:,}")]
+        assert row[1] == record["mode"]
+        assert row[10] == f"{record['rules_compared']:,}/{record['rules_compared']:,} ✓"
+        overall = record["kernel_ns_per_rule_overall"] / record["model_ns_per_rule_overall"]
+        assert row[9] == f"{overall:.2f}×"
+        if record["kernel_ns_per_rule"] is None:  # nftables: no slope, its rules visited barely differ
+            assert row[4:7] == ["—", "—", "—"]
+        else:
+            assert row[4] == f"{record['model_ns_per_rule']:,.1f}"
+            assert row[6] == f"{record['kernel_ns_per_rule'] / record['model_ns_per_rule']:.2f}×"
+    # iptables' rules visited grow with the position, so both have a slope; nftables' do not.
+    assert [r["kernel_ns_per_rule"] is None for r in agreeing] == [False, False, True]
+    assert "not measured: the rule load took over 60 s" in rows[("iptables-nft", "5,000")]
+    # The figure, its PNG and the command that measures these kernel points again.
+    assert (out / "model_vs_kernel.png").exists()
+    assert (f"Regenerate: <code>kpbench kernel --modes iptables nftables --services 60 120 5000 --connections 6 "
+            f"--nodes 3 --seed 0 --out {out} && kpbench report ") in section
+    summary = re.search(r'<ul id="kernel-summary">(.*?)</ul>', page, re.S).group(1)
+    markdown = (out / "summary.md").read_text()
+    for tool in ("iptables-legacy", "iptables-nft", "nftables"):
+        assert f"<li>{tool} at " in summary and f"- {tool} at " in markdown
+    assert "iptables-legacy at 120 services: kernel " in summary
+
+
+def test_a_counter_disagreement_is_flagged(kernel_report, kernel_records):
+    out, page, section = kernel_report
+    wrong = next(r for r in kernel_records if r.get("counters_agree") is False)
+    assert wrong["disagreement_count"] == 1
+    row = kernel_rows(section)[("iptables-nft", "60")]
+    assert row[10] == f"{wrong['rules_agreeing']:,}/{wrong['rules_compared']:,} ✗ 1 disagree"
+    assert re.search(r'<td class="num disagree">[^<]*✗', section)
+    assert section.count("✗") == 1
+    rule = wrong["disagreements"][0]
+    assert (f'<p class="alert">iptables-nft at 60 services: 1 of {wrong["rules_compared"]:,} rule counters '
+            f"disagree with the model — {rule['rule']} ({rule['text']}): kernel {rule['kernel']}, "
+            f"model {rule['model']}.</p>") in section
+    alert = re.search(r'<p class="alert" id="kernel-alert">([^<]*)</p>', page).group(1)
+    assert "DISAGREE" in alert and "at 1 of 4 points (iptables-nft 60 services)" in alert
+    assert f"**{alert}**" in (out / "summary.md").read_text()
+    assert "every rule counter agrees" not in page
+
+
+def test_the_summary_says_when_every_counter_agrees(records, kernel_records):
+    from bench.report import kernel_summary, results_frame
+
+    agreeing = [r for r in kernel_records if r.get("counters_agree") is not False]
+    sentences, alert = kernel_summary(results_frame(records + stamped(agreeing), "results.jsonl"))
+    compared = sum(r.get("rules_compared", 0) for r in agreeing)
+    assert alert is None
+    assert sentences[0] == (f"Real kernel: every rule counter agrees with the model (3 points, {compared:,} rule "
+                            "counters compared; tools iptables-legacy, nftables).")
+
+
+def test_kernel_points_that_all_timed_out_are_listed_not_drawn(records, kernel_records, tmp_path):
+    from bench.report import kernel_section, kernel_summary, results_frame
+
+    timed_out = [r for r in kernel_records if r.get("load_timed_out")]
+    frame = results_frame(records + stamped(timed_out), "results.jsonl")
+    section = kernel_section(frame, tmp_path, tmp_path / "results.jsonl", "kpbench report")
+    assert [row[:4] for row in section.tables[0].rows] == [
+        ["iptables-nft", "iptables", "5,000", "not measured: the rule load took over 60 s"]]
+    assert any("model vs kernel: not in these results" in note for note in section.notes)
+    assert not section.figures and not list(tmp_path.glob("*.png"))
+    sentences, alert = kernel_summary(frame)
+    assert alert is None and sentences == ["Real kernel: no point was measured (every rule load took longer "
+                                           "than `kpbench kernel --load-timeout`; see Model vs kernel)."]
+
+
+def test_results_without_kernel_records_say_so_with_the_command(report):
+    page = html.unescape((report / "index.html").read_text())
+    section = re.search(r'<section id="model-vs-kernel">(.*?)</section>', page, re.S).group(1)
+    assert "Real-kernel measurements are not in these results" in section
+    assert f"`kpbench kernel --modes iptables nftables ipvs --out {report}`" in section
+    assert "<table" not in section and not (report / "model_vs_kernel.png").exists()
+    assert "Not compared with the real kernel in these results" in page
+    assert "Not compared with the real kernel" in (report / "summary.md").read_text()
+
+
+def test_a_real_kernel_run_appears_in_the_section(records, tmp_path, capsys):
+    """A tiny `kpbench kernel` run in the real kernel (root and iptables/nft needed)."""
+    import os
+
+    from bench.realkernel import prereq
+    from bench.report import kernel_section, load_results
+
+    if os.geteuid() != 0:
+        pytest.skip("`kpbench kernel` needs root")
+    tools = [t for t in ("iptables-legacy", "iptables-nft", "nftables") if prereq.tool_status(t) is None]
+    if not tools:
+        pytest.skip("none of iptables-legacy, iptables-nft, nft is installed (apt-get install iptables nftables)")
+    results = write_jsonl(tmp_path / "results.jsonl", records)
+    status, _, err = run(capsys, "kernel", "--modes", "iptables", "nftables", "--services", "60",
+                         "--connections", "5", "--rounds", "5", "--validation", "8", "--nodes", "3",
+                         "--out", tmp_path, "--quiet")
+    assert status == 0, err
+    section = kernel_section(load_results(results), tmp_path, results, "kpbench report")
+    rows = section.tables[0].rows
+    assert [row[0] for row in rows] == tools
+    assert all(row[10].endswith("✓") for row in rows) and not section.alerts
+    assert (tmp_path / "model_vs_kernel.png").exists()
+
+
 # ------------------------------------------------------------------ the page in a real browser
 
 # Injected into a copy of the page: records script errors and console.error calls, and once the
@@ -249,7 +450,9 @@ def chromium(tmp_path, *args):
     return subprocess.run(command, capture_output=True, text=True, timeout=180)
 
 
-def test_page_renders_in_headless_chromium(report, tmp_path):
+def test_page_renders_in_headless_chromium(kernel_report, tmp_path):
+    """The page with a model-vs-kernel section (and every other section)."""
+    report = kernel_report[0]
     page = report / "index.html"
     shot = tmp_path / "screenshot.png"
     rendered = chromium(tmp_path, "--hide-scrollbars", "--window-size=1280,2000", f"--screenshot={shot}",
