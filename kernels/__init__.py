@@ -9,7 +9,7 @@ silently benchmark the slow path. ``BACKEND`` says which one is active.
 import importlib
 import os
 
-KERNELS = ("iptables", "conntrack", "hashset", "ipvs", "nftables")
+KERNELS = ("iptables", "conntrack", "hashset", "ipvs", "nftables", "ebpf")
 
 
 class KernelBuildError(ImportError):

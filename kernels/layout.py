@@ -350,3 +350,61 @@ NFT_RESULT_DTYPE = np.dtype([
 ])  # 36 bytes, packed
 NFT_WORK_COUNTERS = ("entries_visited", "expressions", "set_lookups", "bucket_entries_compared",
                      "jumps", "rng_draws")
+
+
+# ---- eBPF service maps (kernels/ebpf.pyx): a Cilium-like REFERENCE MODEL, not kube-proxy -----
+# One service-map entry as the loader hands it to the kernel, in insertion order. Cilium's
+# struct lb4_key (address, dport, backend_slot, proto, scope) and struct lb4_service (backend_id
+# or count, rev_nat_index): slot 0 is a frontend's master entry holding ``count``, slots
+# 1..count hold the backend ids.
+EBPF_SERVICE_DTYPE = np.dtype([
+    ("addr", "<u4"), ("port", "<u2"), ("slot", "<u2"), ("proto", "u1"), ("pad", "u1", 3),
+    ("backend_id", "<u4"),  # slots 1..count; 0 in the master entry
+    ("count", "<u2"),  # the master entry's number of backends; 0 in slot entries
+    ("pad1", "<u2"),
+    ("rev_nat", "<u4"),  # the frontend's reverse-NAT index (Cilium's service id)
+])  # 24 bytes, packed
+# One backend-map entry: Cilium's backend id -> struct lb4_backend (address, port, proto).
+EBPF_BACKEND_DTYPE = np.dtype([("id", "<u4"), ("addr", "<u4"), ("port", "<u2"), ("proto", "u1"),
+                               ("pad", "u1")])  # 12 bytes, packed
+
+EBPF_ALGORITHMS = ("random", "maglev")  # Cilium's bpf-lb-algorithm values
+EBPF_SERVICE_MAX_ENTRIES = 65536  # Cilium's bpf-lb-map-max default (service and backend maps)
+EBPF_CT_MAX_ENTRIES = 524288  # Cilium's bpf-ct-global-tcp-max default
+EBPF_MAGLEV_TABLE_SIZE = 16381  # Cilium's bpf-lb-maglev-table-size default (a prime)
+E2BIG = 7  # errno of bpf_map_update_elem on a full preallocated hash map
+
+# Per-packet verdicts of kernels.ebpf.ServiceMaps.process.
+EBPF_FORWARD = 0  # DNAT to the backend dnat_ip:dnat_port
+EBPF_NOT_SERVICE = 1  # no frontend (or not TCP/UDP/SCTP): passed on untouched
+EBPF_NO_BACKEND = 2  # a frontend with no backends: dropped (Cilium's DROP_NO_SERVICE)
+EBPF_CT_FULL = 3  # the connection-tracking map is full: dropped (DROP_CT_CREATE_FAILED)
+EBPF_VERDICT_NAMES = ["FORWARD", "NOT_SERVICE", "NO_BACKEND", "CT_FULL"]
+
+EBPF_RESULT_DTYPE = np.dtype([
+    ("verdict", "u1"), ("ct_hit", "u1"), ("dnat_port", "<u2"),
+    ("dnat_ip", "<u4"),
+    ("rev_nat", "<i4"),  # the frontend's rev_nat index, -1 when none
+    ("backend_id", "<u4"),  # 0 when none (Cilium's ids start at 1)
+    ("backend_slot", "<u4"),  # random: the service-map slot; maglev: the table index
+    ("map_lookups", "<u4"),  # hash-map lookups (and Maglev's array lookup); inserts apart
+    ("bucket_compares", "<u4"),  # hash-map elements compared, every map, inserts included
+    ("ct_compares", "<u4"),  # the part of bucket_compares in the connection-tracking map
+    ("hash_computations", "<u4"), ("ct_inserts", "<u4"), ("rng_draws", "<u4"),
+])  # 44 bytes, packed
+EBPF_WORK_COUNTERS = ("map_lookups", "bucket_compares", "ct_compares", "hash_computations", "ct_inserts",
+                      "rng_draws")
+
+
+# ---- iptables-nft (bench/loaders/iptables_nft.py): nft_compat's xt expressions ---------------
+# What iptables-nft cannot say natively it stores as nft_compat ``match`` / ``target``
+# expressions wrapping the xt extension (statistic, conntrack, addrtype, recent, multiport,
+# set, …; DNAT, MASQUERADE, MARK, REJECT). The model keeps the xt data where the legacy
+# kernel's Table has it: a = the legacy entry's offset, b = the match's index in the entry, c =
+# the match's (or target's) byte offset in that Table's blob; the nft kernels call that Table's
+# own match/target code, so both backends share one implementation and one RNG stream.
+NFT_OP_XT_MATCH, NFT_OP_XT_TARGET = 16, 17
+NFT_OP_NAMES.update({NFT_OP_XT_MATCH: "match", NFT_OP_XT_TARGET: "target"})
+# NFT_EXPR_SIZE of a compat expression is 8 + the xt info, so it varies by extension; these
+# are kube-proxy's commonest: xt_statistic_info (24 B) and DNAT's nf_nat_range2 (48 B).
+NFT_EXPR_BYTES.update({NFT_OP_XT_MATCH: 32, NFT_OP_XT_TARGET: 56})

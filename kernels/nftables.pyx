@@ -14,6 +14,9 @@ pushes the next rule on the 16-deep stack (a 17th level drops the packet, the ke
 WARN_ON), goto does not push, return or the chain's is_last marker pops, and an empty stack
 falls back to the base chain's policy.
 
+``apply(patch)`` commits a transaction compiled by kernels.nftblob.compile_changes (the changed
+chains, anonymous maps and set elements only; see kernels/nftblob.py).
+
 Named sets are kernels.hashset HashSet(policy="rhash") looked up through its C entry point
 ``lookup_one`` without the GIL; a dynamic set with a timeout stores each element's expiry
 (packet time + timeout, seconds) as its value and a lookup misses an expired element
@@ -39,10 +42,11 @@ from kernels.clock cimport now_ns
 
 from kernels cimport hashing
 from kernels.hashset cimport HashSet
-from kernels.records cimport packet_t
+from kernels.records cimport packet_t, result_t
+from kernels.iptables cimport Table as XtTable  # iptables-nft's nft_compat (xt_call)
 from kernels import hashset
 from kernels import layout as L
-from kernels.nftblob import anon_map_sets, compile_table, compiled_bytes, modelled_bytes
+from kernels.nftblob import anon_map_sets, append_grown, compile_table, compiled_bytes, modelled_bytes
 
 # C-level copies of kernels/layout.py; tests check LAYOUT_CONSTANTS against it.
 cdef enum:
@@ -65,6 +69,8 @@ cdef enum:
     OP_DYNSET = 13
     OP_COUNTER = 14
     OP_VERDICT = 15
+    OP_XT_MATCH = 16
+    OP_XT_TARGET = 17
     F_NEQ = 0x01
     F_VMAP = 0x02
     F_TIMEOUT = 0x04
@@ -96,7 +102,8 @@ LAYOUT_CONSTANTS = {
     "NFT_OP_HMAP_VMAP": OP_HMAP_VMAP, "NFT_OP_NUMGEN": OP_NUMGEN, "NFT_OP_FIB_LOCAL": OP_FIB_LOCAL,
     "NFT_OP_CT_STATE": OP_CT_STATE, "NFT_OP_MARK_SET": OP_MARK_SET, "NFT_OP_DNAT": OP_DNAT,
     "NFT_OP_MASQUERADE": OP_MASQUERADE, "NFT_OP_DYNSET": OP_DYNSET, "NFT_OP_COUNTER": OP_COUNTER,
-    "NFT_OP_VERDICT": OP_VERDICT, "NFT_F_NEQ": F_NEQ, "NFT_F_VMAP": F_VMAP,
+    "NFT_OP_VERDICT": OP_VERDICT, "NFT_OP_XT_MATCH": OP_XT_MATCH, "NFT_OP_XT_TARGET": OP_XT_TARGET,
+    "NFT_F_NEQ": F_NEQ, "NFT_F_VMAP": F_VMAP,
     "NFT_F_TIMEOUT": F_TIMEOUT, "NFT_FIELD_SADDR": FIELD_SADDR, "NFT_FIELD_DADDR": FIELD_DADDR,
     "NFT_FIELD_SPORT": FIELD_SPORT, "NFT_FIELD_DPORT": FIELD_DPORT, "NFT_META_L4PROTO": META_L4PROTO,
     "NFT_V_NONE": V_NONE, "NFT_V_ACCEPT": V_ACCEPT, "NFT_V_DROP": V_DROP, "NFT_V_REJECT": V_REJECT,
@@ -131,6 +138,7 @@ cdef struct walk_t:
     uint32_t time
     bint dnat
     uint8_t regs[N_REGS * 4]
+    const packet_t *packet  # as it arrived, for nft_compat's xt extensions (xt_call)
 
 
 def struct_layout() -> dict:
@@ -199,44 +207,84 @@ cdef class Ruleset:
     # the named sets (kept alive here) and their addresses for the nogil walk
     cdef uintptr_t[::1] _set_addrs
     cdef uintptr_t[::1] _hmap_addrs  # the anonymous maps' HashSets, likewise
+    cdef object _hmap_buffer  # the array behind _hmap_addrs, with room to grow
     cdef uint64_t rng_state
+    cdef uint64_t set_rng
     cdef readonly object compiled
     cdef readonly list sets
     cdef readonly list hmaps
+    cdef readonly object xt  # iptables-nft: the legacy Table whose xt extensions compat calls
+    cdef uintptr_t _xt_addr
 
     def __init__(self, compiled, local_addrs=(), uint64_t seed=0):
-        c = self.compiled = compiled
+        self.compiled = compiled
+        self._bind_arrays()
+        self.local_addrs = np.ascontiguousarray(local_addrs, dtype=np.uint32)
+        self.rng_state = seed
+        self.set_rng = seed ^ 0x5E75
+        self.sets = [self._named_set(s) for s in compiled.sets]
+        self._set_addrs = np.array([<uintptr_t><PyObject *>hs for hs in self.sets] or [0], dtype=np.uintp)
+        self.hmaps = []
+        self._hmap_buffer = np.zeros(1, dtype=np.uintp)
+        self._add_hmaps(compiled.hmaps)
+
+    def _bind_arrays(self):
+        c = self.compiled
         self.blob, self.chain_offset = c.blob, c.chain_offset
         self.base_hook, self.base_chain = c.base_hook, c.base_chain
         self.base_policy, self.base_nat = c.base_policy, c.base_nat
         self.range_base, self.range_count = c.range_base, c.range_count
         self.range_lo, self.range_hi = c.range_lo, c.range_hi
-        self.local_addrs = np.ascontiguousarray(local_addrs, dtype=np.uint32)
-        self.rng_state = seed
-        cdef uint64_t set_rng = seed ^ 0x5E75
-        self.sets = []
-        for s in c.sets:
-            hs = hashset.HashSet(s.key_len, "rhash", seed=hashing.rng_next_u64(&set_rng),
-                           data_len=L.NFT_VERDICT_DATA_BYTES if s.is_map else 0)
-            values = s.values if not s.timeout else np.full(len(s.keys), s.timeout, dtype=np.uint32)
-            if len(s.keys):
-                hs.insert(s.keys, values)
-            self.sets.append(hs)
-        self._set_addrs = np.array([<uintptr_t><PyObject *>hs for hs in self.sets] or [0], dtype=np.uintp)
-        self.hmaps = anon_map_sets(c, hashset.HashSet)
-        self._hmap_addrs = np.array([<uintptr_t><PyObject *>hs for hs in self.hmaps] or [0], dtype=np.uintp)
+
+    def _named_set(self, s):
+        hs = hashset.HashSet(s.key_len, "rhash", seed=hashing.rng_next_u64(&self.set_rng),
+                             data_len=L.NFT_VERDICT_DATA_BYTES if s.is_map else 0)
+        values = s.values if not s.timeout else np.full(len(s.keys), s.timeout, dtype=np.uint32)
+        if len(s.keys):
+            hs.insert(s.keys, values)
+        return hs
+
+    def _add_hmaps(self, maps):
+        new = anon_map_sets(maps, hashset.HashSet)
+        addrs = np.array([<uintptr_t><PyObject *>hs for hs in new], dtype=np.uintp)
+        self._hmap_buffer = append_grown(self._hmap_buffer, len(self.hmaps), addrs)
+        self.hmaps += new
+        self._hmap_addrs = self._hmap_buffer
+
+    def apply(self, patch) -> None:
+        """Commit a transaction (kernels.nftblob.compile_changes): the changed chains' blobs,
+        new anonymous maps, named-set elements deleted then added. The rhash worker's grow or
+        shrink is deferred, as in the kernel: run ``maintain()`` after."""
+        self.compiled.apply(patch)
+        self._bind_arrays()
+        if patch.new_sets:
+            self.sets += [self._named_set(s) for s in patch.new_sets]
+            self._set_addrs = np.array([<uintptr_t><PyObject *>hs for hs in self.sets], dtype=np.uintp)
+        for i, keys in patch.set_deletes:
+            self.sets[i].delete(keys)
+        for i, keys, values in patch.set_inserts:
+            self.sets[i].insert(keys, values)
+        if patch.hmaps:
+            self._add_hmaps(patch.hmaps)
 
     @classmethod
     def from_table(cls, table, local_addrs=(), uint64_t seed=0):
         """A Ruleset for a bench.loaders.nftables.Table (compiled with the same seed)."""
         return cls(compile_table(table, seed), local_addrs, seed)
 
+    def attach_xt(self, table) -> None:
+        """iptables-nft (bench/loaders/iptables_nft.py): the kernels.iptables.Table whose xt
+        matches and targets this table's compat expressions run, with that Table's state."""
+        self.xt = <XtTable?>table
+        self._xt_addr = <uintptr_t><PyObject *>table
+
     def reseed(self, uint64_t seed) -> None:
         self.rng_state = seed
 
-    def maintain(self) -> int:
-        """The rhashtable worker's deferred grow/shrink of every named set; elements moved."""
-        return sum(hs.maintain() for hs in self.sets)
+    def maintain(self, set_ids=None) -> int:
+        """The rhashtable worker's deferred grow/shrink of the named sets ``set_ids`` (default:
+        all); returns the elements moved."""
+        return sum(self.sets[i].maintain() for i in (range(len(self.sets)) if set_ids is None else set_ids))
 
     def run(self, const packet_t[::1] packets, int hook, nft_result_t[::1] results,
             int64_t[::1] ns=None) -> None:
@@ -266,6 +314,7 @@ cdef class Ruleset:
         memset(&w, 0, sizeof(walk_t))
         w.src, w.dst, w.sport, w.dport = p.src, p.dst, p.sport, p.dport
         w.proto, w.ctstate, w.time = p.proto, p.ctstate, p.time
+        w.packet = p
         r.mark = p.mark
         for i in range(self.base_hook.shape[0]):
             if self.base_hook[i] != hook or (self.base_nat[i] and not (w.ctstate & CT_NEW)):
@@ -363,6 +412,8 @@ cdef class Ruleset:
             return <uint32_t>V_ACCEPT << 24
         elif kind == OP_DYNSET:
             self.dynset(w, reg, length, a, b, r)
+        elif kind == OP_XT_MATCH or kind == OP_XT_TARGET:
+            return self.xt_call(w, hashing.load_le32(op + 12), kind == OP_XT_TARGET, r)
         elif kind == OP_VERDICT:
             return a
         return V_NONE
@@ -438,11 +489,45 @@ cdef class Ruleset:
                 return True
         return False
 
+    # ---- iptables-nft: nft_compat's xt match and target expressions ------------------------
+
+    cdef uint32_t xt_call(self, walk_t *w, uint32_t at, bint target, nft_result_t *r) noexcept nogil:
+        """The legacy kernel's own xt extension at byte ``at`` of the attached Table's blob, on
+        the packet as this rule sees it (nft_compat builds an xt_action_param the same way).
+        With no Table attached the extension is missing: the packet is dropped."""
+        if not self._xt_addr:
+            return <uint32_t>V_DROP << 24
+        cdef packet_t p = w.packet[0]
+        cdef result_t x
+        cdef bint matched
+        cdef const uint8_t *data = &(<XtTable><PyObject *>self._xt_addr).blob[at]
+        memset(&x, 0, sizeof(result_t))
+        p.src, p.dst, p.sport, p.dport = w.src, w.dst, w.sport, w.dport
+        p.mark = x.mark = r.mark
+        if not target:
+            matched = (<XtTable><PyObject *>self._xt_addr).match(data, &p, &x)
+            r.rng_draws += x.rng_draws
+            r.set_lookups += x.set_probes
+            r.bucket_entries_compared += x.set_compares
+            return V_NONE if matched else V_BREAK
+        if (<XtTable><PyObject *>self._xt_addr).target(data, &x):  # XT_CONTINUE: MARK
+            r.mark = x.mark
+            return V_NONE
+        if x.verdict == R_DNAT:
+            w.dnat = True
+            r.dnat_ip = w.dst = x.dnat_ip
+            r.dnat_port = w.dport = x.dnat_port if x.dnat_port else w.dport
+        elif x.verdict == R_MASQUERADE:
+            r.masquerade = True
+        else:
+            return <uint32_t>(V_REJECT if x.verdict == R_REJECT else V_DROP) << 24
+        return <uint32_t>V_ACCEPT << 24
+
     # ---- memory ----------------------------------------------------------------------------
 
     def modelled_bytes(self) -> int:
         """Kernel memory (see kernels.nftblob.modelled_bytes)."""
-        return modelled_bytes(self.compiled, self.sets + self.hmaps)
+        return modelled_bytes(self.compiled, self.sets, self.hmaps)
 
     def model_bytes(self) -> int:
         """Bytes of this model's own tables: the blob, the compiled arrays and the sets."""

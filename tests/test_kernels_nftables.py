@@ -11,11 +11,11 @@ import pytest
 
 from bench.cluster.model import (Cluster, Endpoint, EndpointPort, EndpointSlice, Node, ProxyConfig,
                                  Service, ServicePort)
-from bench.loaders.nftables import load
+from bench.loaders.nftables import apply, load
 from bench.netaddr import ip_to_int
 from bench.proxies.nftables import WriterOptions, write_full
 from kernels import layout as L
-from kernels.nftblob import compile_table
+from kernels.nftblob import compile_changes, compile_table
 from tests.conftest import compiled_available, kernel
 
 NODE_IP = "192.168.0.2"
@@ -320,3 +320,29 @@ add rule ip t base ip daddr != @blocked mark set mark or 0x10
     assert list(python["verdict"]) == [L.V_DROP, L.V_REJECT, L.V_ACCEPT, L.V_DROP, L.V_ACCEPT]
     assert python["mark"][2] == 5 | 0x10
     assert list(python["entries_visited"]) == [3, 4, 5, 1, 2]
+
+
+# ---- patches: a transaction applied to a compiled table ------------------------------------
+
+def test_a_patch_rewrites_chains_and_sets_as_a_compile_from_scratch_would(backend):
+    ruleset = load("add table ip t\nadd chain ip t pre { type filter hook prerouting priority 0 ; }\n"
+                   "add chain ip t c\nadd rule ip t pre ip daddr @s jump c\nadd rule ip t c drop\n"
+                   "add set ip t s { type ipv4_addr ; }\nadd element ip t s { 10.0.0.1 }\n"
+                   "add set ip t old { type ipv4_addr ; }\nadd element ip t old { 1.1.1.1 }\n")
+    rs = kernel("nftables", backend).Ruleset(compile_table(ruleset.table("t")))
+    changes = apply("delete set ip t old\nadd set ip t old { type ipv4_addr ; }\n"
+                    "add element ip t old { 2.2.2.2 }\nadd element ip t s { 10.0.0.2 }\n"
+                    "flush chain ip t c\nadd chain ip t d\nadd rule ip t c jump d\nadd rule ip t d reject\n",
+                    ruleset).tables["ip", "t"]
+    patch = compile_changes(rs.compiled, ruleset.table("t"), changes)
+    assert patch.operations() == {"chains_compiled": 2, "rules_compiled": 2, "chains_deleted": 0,
+                                  "anonymous_maps_built": 0, "sets_created": 1, "sets_deleted": 1,
+                                  "elements_added": 1, "elements_deleted": 0}
+    rs.apply(patch)
+    fresh = kernel("nftables", backend).Ruleset(compile_table(ruleset.table("t")))
+    p = np.concatenate([packets(d) for d in ("10.0.0.1", "10.0.0.2", "10.0.0.3")])
+    np.testing.assert_array_equal(run(rs, p), run(fresh, p))
+    assert list(run(rs, p)["verdict"]) == [L.V_REJECT, L.V_REJECT, L.V_ACCEPT]
+    old = rs.sets[rs.compiled.set_ids["old"]]
+    assert old.n_elements == 1 and rs.compiled.sets[0].name == "s"
+    assert rs.modelled_bytes() == fresh.modelled_bytes()

@@ -12,7 +12,7 @@ from bench.cluster.model import (Cluster, Endpoint, EndpointPort, EndpointSlice,
 from bench.errors import InputError
 from bench.loaders.nftables import (AnonSet, AnonVmap, Chain, Counter, CtState, Dnat, Fib, Lookup, MarkCheck,
                                     MarkSet, Masquerade, Meta, Numgen, Payload, Prefix, Rule, UpdateSet,
-                                    Verdict, load, load_file)
+                                    Verdict, apply, load, load_file)
 from bench.netaddr import ip_to_int
 from bench.proxies.nftables import WriterOptions, write_full, write_partial, write_ruleset_listing
 from tests.builders import mutate_words
@@ -422,6 +422,58 @@ def test_partial_sync_leaves_stale_chains_flushed_until_they_are_deleted():
     assert extra and all(not patched.chains[name].rules for name in extra)
     assert patched.sets == full.sets
     assert {name: c for name, c in patched.chains.items() if name not in extra} == full.chains
+
+
+@pytest.mark.parametrize("seed", [2, 4])
+def test_apply_in_place_gives_what_loading_on_a_base_gives(seed):
+    before = generate(40, 3, 4, seed=seed)
+    after = changed(before)
+    text = write_partial(before, after)
+    ruleset = load(write_full(before))
+    untouched = {name: chain for name, chain in ruleset.table().chains.items()}
+    changes = apply(text, ruleset, "partial.nft")
+    assert ruleset.tables == load(text, base=load(write_full(before))).tables
+    table_changes = changes.tables["ip", "kube-proxy"]
+    assert not changes.created and not changes.deleted
+    # Every chain the text rewrote is reported, and the others are the very same objects.
+    rewritten = {line.split()[4] for line in text.splitlines() if line.split()[:2] in (["add", "rule"],
+                                                                                        ["flush", "chain"])}
+    assert set(table_changes.chains) >= rewritten
+    for name, chain in ruleset.table().chains.items():
+        assert (chain is untouched.get(name)) == (name not in table_changes.chains)
+    for name, items in table_changes.added_elements.items():
+        assert all(ruleset.table().sets[name].elements[key] == data for key, data in items)
+    for name, keys in table_changes.deleted_elements.items():
+        elements = ruleset.table().sets[name].elements
+        added = {key for key, _ in table_changes.added_elements.get(name, [])}
+        assert all(key not in elements or key in added for key in keys)
+
+
+def test_apply_reports_net_changes_and_undoes_everything_on_an_error():
+    text = ("add table ip t\nadd chain ip t c\nadd chain ip t d\nadd rule ip t c jump d\n"
+            "add map ip t m { type ipv4_addr : verdict ; }\nadd element ip t m { 1.1.1.1 : goto d }\n"
+            "add set ip t s { type ipv4_addr ; }\nadd element ip t s { 2.2.2.2, 3.3.3.3 }\n")
+    ruleset = load(text)
+    snapshot = copy.deepcopy(ruleset)
+    bad = ("add element ip t s { 4.4.4.4 }\ndelete element ip t s { 2.2.2.2 }\nflush chain ip t c\n"
+           "delete map ip t m\nadd chain ip t e\nadd rule ip t d jump c\nadd rule ip t c jump nowhere\n")
+    with pytest.raises(InputError, match="<string>:7"):
+        apply(bad, ruleset)
+    assert ruleset == snapshot
+    changes = apply("add element ip t s { 4.4.4.4, 2.2.2.2 }\ndelete element ip t s { 3.3.3.3 }\n"
+                    "destroy element ip t s { 2.2.2.2 }\nadd element ip t s { 2.2.2.2 }\n"
+                    "flush chain ip t c\nadd chain ip t e\nadd rule ip t e accept\n", ruleset).tables["ip", "t"]
+    assert changes.added_elements == {"s": [((ip("4.4.4.4"),), None)]}
+    assert changes.deleted_elements == {"s": [(ip("3.3.3.3"),)]}
+    assert sorted(changes.chains) == ["c", "e"] and not changes.deleted_chains
+    assert ruleset.table("t").chains["c"].rules == []
+
+
+def test_apply_finds_a_loop_closed_through_an_existing_chain():
+    ruleset = load("add table ip t\nadd chain ip t a\nadd chain ip t b\nadd rule ip t a jump b\n")
+    with pytest.raises(InputError, match="chain loop"):
+        apply("add rule ip t b goto a\n", ruleset)
+    assert ruleset.table("t").chains["b"].rules == []
 
 
 # --- expressions ---------------------------------------------------------------------------------

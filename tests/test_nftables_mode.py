@@ -6,6 +6,7 @@ the data path runs on seeded generated clusters through both backends.
 """
 import json
 import re
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -17,13 +18,15 @@ from bench.cluster.model import service_ports
 from bench.errors import InputError
 from bench.loaders.nftables import load
 from bench.measure.nftables import NftablesDatapath
-from bench.proxies.nftables import WriterOptions, write_full, write_ruleset_listing
+from bench.netaddr import ip_to_int
+from bench.proxies.nftables import WriterOptions, write_full, write_partial, write_ruleset_listing
 from bench.results import read_jsonl
 from bench.trace import trace_nftables
 from bench.workload import established, pod_connections, service_connections
 from kernels import layout as L
 from tests.builders import packet_flow_cluster
-from tests.conftest import compiled_available
+from kernels.nftblob import compile_table
+from tests.conftest import compiled_available, kernel
 
 NODE_IP = "192.168.0.2"
 OPTIONS = WriterOptions(service_cidrs=("172.30.0.0/16",))
@@ -199,20 +202,93 @@ def test_memory_is_the_kernel_models(small, backend):
     assert memory["model_bytes"] == path.table.model_bytes() + path.conntrack.model_bytes()
 
 
+def synced(services, endpoints=2, backend="python", seed=7, mix="clusterip"):
+    """A fully synced node: (cluster, its ruleset, the kernel Ruleset of its table)."""
+    cluster = generate(services, endpoints, 4, seed=seed, mix=mix)
+    ruleset, compiled, _ = nft_costs.full_sync(cluster, seed=seed)
+    local = [ip_to_int(ip) for ip in cluster.config.node_ips]
+    return cluster, ruleset, kernel("nftables", backend).Ruleset(compiled, local, seed=seed)
+
+
+def removed_service(cluster):
+    """The cluster without its first service (and that service's EndpointSlices)."""
+    gone = cluster.services[0]
+    return replace(cluster, services=cluster.services[1:],
+                   slices=[s for s in cluster.slices
+                           if (s.namespace, s.service_name) != (gone.namespace, gone.name)])
+
+
+CHANGES = {"endpoint_change": nft_costs.moved_endpoint, "service_add": nft_costs.added_service,
+           "service_delete": removed_service}
+
+
 def test_an_update_costs_the_changed_objects_not_the_ruleset():
     costs = []
     for services in (50, 400):
-        cluster = generate(services, 2, 4, seed=7, mix="clusterip")
-        ruleset, _, full = nft_costs.full_sync(cluster)
-        costs.append((full["sync_full_operations"], nft_costs.measure_updates(cluster, ruleset)))
+        cluster, ruleset, table = synced(services)
+        full = nft_costs.operations(write_full(cluster))
+        costs.append((sum(full.values()), nft_costs.measure_updates(cluster, ruleset, table)))
     (small_full, small), (large_full, large) = costs
     assert large_full > 6 * small_full
     for change in ("endpoint_change", "service_add"):
         assert small[f"{change}_operations"] == large[f"{change}_operations"]
+        assert small[f"{change}_kernel_operations"] == large[f"{change}_kernel_operations"]
     # One endpoint of a two-endpoint service moved: the service's chain and its two endpoint
     # chains are rewritten (add, flush, two rules each) and the old endpoint chain flushed.
     assert small["endpoint_change_operations"] == {"add_chain": 3, "flush_chain": 4, "add_rule": 6}
+    # The kernel builds those four chains' blobs (one of them new, one now empty) and the
+    # service chain's new numgen map; no set element changes.
+    assert small["endpoint_change_kernel_operations"] == {
+        "chains_compiled": 4, "rules_compiled": 6, "chains_deleted": 0, "anonymous_maps_built": 1,
+        "sets_created": 0, "sets_deleted": 0, "elements_added": 0, "elements_deleted": 0}
     assert small["service_add_operations"]["add_element"] == 2  # cluster-ips and service-ips
+    assert small["service_add_kernel_operations"]["elements_added"] == 2
+
+
+@pytest.mark.parametrize("change", CHANGES)
+def test_a_partial_sync_applied_in_place_equals_compiling_the_result(change, backend):
+    before, ruleset, live = synced(40, endpoints=3, backend=backend, seed=5, mix="realistic")
+    after = CHANGES[change](before)
+    nft_costs.apply_transaction(write_partial(before, after), ruleset, live)
+    local = [ip_to_int(ip) for ip in after.config.node_ips]
+    rebuilt = kernel("nftables", backend).Ruleset(compile_table(ruleset.table(), 5), local, seed=5)
+    # A full sync of the changed cluster: the same rules, in another order of chains and elements.
+    fresh_ruleset, fresh_compiled, _ = nft_costs.full_sync(after, seed=5)
+    fresh = kernel("nftables", backend).Ruleset(fresh_compiled, local, seed=5)
+    to_service = service_connections(after, service_ports(after), 400, seed=1)
+    batches = (to_service, pod_connections(after, 100, seed=2), established(to_service))
+    for rs in (live, rebuilt, fresh):
+        rs.maintain()  # the rhash worker has run on every set
+    for hook in (L.HOOK_PREROUTING, L.HOOK_INPUT, L.HOOK_FORWARD, L.HOOK_POSTROUTING):
+        for p in batches:
+            got, want, full = (run_hook(rs, p, hook) for rs in (live, rebuilt, fresh))
+            np.testing.assert_array_equal(got, want)
+            # Bucket compares follow the order the elements were added in; all else is equal.
+            fields = [f for f in L.NFT_RESULT_DTYPE.names if f != "bucket_entries_compared"]
+            np.testing.assert_array_equal(got[fields], full[fields])
+    assert live.modelled_bytes() == rebuilt.modelled_bytes()
+    # The same rules as a full sync's (the flushed chains are deleted by a later sync).
+    assert ruleset.stats()["rules"] == fresh_ruleset.stats()["rules"]
+
+
+def run_hook(rs, packets, hook):
+    rs.reseed(11)
+    results = np.zeros(len(packets), dtype=L.NFT_RESULT_DTYPE)
+    rs.run(packets, hook, results)
+    return results
+
+
+def test_the_rhash_worker_keeps_every_service_reachable_through_many_changes(backend):
+    cluster, ruleset, live = synced(30, backend=backend)
+    for step in range(12):  # services added, and some removed: service-ips grows
+        after = nft_costs.added_service(cluster) if step < 8 or step % 2 else removed_service(cluster)
+        nft_costs.apply_transaction(write_partial(cluster, after), ruleset, live)
+        cluster = after
+    service_ips = live.sets[live.compiled.set_ids["service-ips"]]
+    assert service_ips.resizes > 0
+    to_service = service_connections(cluster, service_ports(cluster), 300, seed=3)
+    r = run_hook(live, to_service, L.HOOK_PREROUTING)
+    assert (r["verdict"] == L.V_DNAT).all()
 
 
 def test_a_changed_cluster_still_routes_the_new_endpoint():
@@ -305,7 +381,7 @@ def test_cli_bench_nftables_writes_records(capsys, tmp_path):
     status, out, _ = run(capsys, "bench", "--modes", "nftables", "--services", "30", "--endpoints", "2",
                          "--nodes", "3", "--packets", "200", "--out", str(tmp_path), "--no-benchmarks", "--quiet")
     assert status == 0
-    records = read_jsonl(tmp_path / "results.jsonl")
+    records = [r for r in read_jsonl(tmp_path / "results.jsonl") if r["kind"] == "point"]
     by_workload = {r["workload"]: r for r in records}
     assert set(by_workload) == {"service_new", "nonservice_new", "established"}
     assert all(r["mode"] == "nftables" and r["kernel_bytes"] > r["model_bytes"] > 0 for r in records)

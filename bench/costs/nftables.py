@@ -7,11 +7,18 @@ real bytes of the model's own arrays (``model_bytes()``).
 
 Update cost (§3.7, kube-proxy-rules §c "Incremental sync"): a sync is one ``nft -f``
 transaction, and a partial one holds only the changed chains and elements, so its cost is
-O(changed objects), not O(ruleset). :func:`measure_updates` counts the commands in
-write_partial's transaction for one endpoint change and one service added, by kind, and
-times the model applying each (``load(text, base=ruleset)`` and compiling the table) next to
-a full sync. The model's compile rebuilds every chain's blob where the kernel rebuilds only
-the changed chains', so the model's partial-sync time overstates the kernel's.
+O(changed objects), not O(ruleset). :func:`apply_transaction` applies one to the live model as
+the kernel commits it: the loader edits the ruleset in place (bench.loaders.nftables.apply),
+only the changed chains are compiled (kernels.nftblob.compile_changes), and the kernel Ruleset
+takes the patch (new chain blobs, anonymous maps, set elements added and deleted one by one);
+then the rhashtable worker's deferred grow/shrink runs, timed and counted apart.
+:func:`measure_updates` does this for one endpoint change and then one service added, and
+reports per change the transaction's commands by kind, the kernel work by kind
+(NftPatch.operations: chains compiled, rules, anonymous maps, elements added/deleted), and the
+model's seconds to parse, compile and commit it. Neither count depends on the number of
+services; the seconds stay nearly flat (the dict and hash-table accesses grow with the cache
+misses of a larger table). Writing the transaction is kube-proxy's userspace work and is not
+timed here.
 """
 from __future__ import annotations
 
@@ -20,11 +27,10 @@ from collections import Counter
 from dataclasses import replace
 
 from bench.cluster.model import CLUSTER_IP, Cluster
-from bench.loaders.nftables import NftRuleset, load
-from bench.loaders.nftables import kube_proxy_table
+from bench.loaders.nftables import FAMILY, NftRuleset, apply, kube_proxy_table, load
 from bench.netaddr import int_to_ip, ip_to_int
-from bench.proxies.nftables import WriterOptions, write_full, write_partial
-from kernels.nftblob import CompiledNft, compile_table
+from bench.proxies.nftables import Syncer, WriterOptions
+from kernels.nftblob import CompiledNft, NftPatch, compile_changes, compile_table
 
 NEW_POD_IP = "10.255.0.1"  # an address no generated pod has
 
@@ -40,12 +46,13 @@ def operations(transaction: str) -> dict[str, int]:
     return dict(Counter("_".join(line.split()[:2]) for line in transaction.splitlines() if line.strip()))
 
 
-def full_sync(cluster: Cluster, options: WriterOptions = WriterOptions(),
-              seed: int = 0) -> tuple[NftRuleset, CompiledNft, dict]:
+def full_sync(cluster: Cluster, options: WriterOptions = WriterOptions(), seed: int = 0,
+              syncer: Syncer | None = None) -> tuple[NftRuleset, CompiledNft, dict]:
     """A full sync in the model: the ruleset, its table compiled with ``seed`` (ready for
-    NftablesDatapath), and the write, load and compile seconds."""
+    NftablesDatapath), and the write, load and compile seconds. ``syncer`` (default: a new
+    one) writes the transaction and keeps kube-proxy's state for later partial syncs."""
     started = time.perf_counter()
-    text = write_full(cluster, options)
+    text = (syncer or Syncer(options)).full(cluster)
     written = time.perf_counter()
     ruleset = load(text, source=f"nftables rules for {len(cluster.services)} services")
     loaded = time.perf_counter()
@@ -58,23 +65,49 @@ def full_sync(cluster: Cluster, options: WriterOptions = WriterOptions(),
                      "sync_full_operations": sum(operations(text).values())}
 
 
-def measure_updates(cluster: Cluster, ruleset: NftRuleset, options: WriterOptions = WriterOptions()) -> dict:
-    """The partial syncs after one endpoint change and one service added: operations by kind,
-    their total, and the model's seconds to apply them: loading the transaction onto
-    ``ruleset`` (O(changed objects)) and compiling the table (the whole table, see above)."""
+def apply_transaction(text: str, ruleset: NftRuleset, table, source: str = "<transaction>") -> tuple[NftPatch, dict]:
+    """Apply a partial-sync transaction to ``ruleset`` (in place) and to ``table``, the kernel
+    Ruleset built from its compiled ``ip kube-proxy`` table, as the kernel commits it. Returns
+    the patch and the seconds of each step, and the rhash worker's moves after it."""
+    started = time.perf_counter()
+    changes = apply(text, ruleset, source)
+    loaded = time.perf_counter()
+    if (FAMILY, "kube-proxy") not in changes.tables:
+        raise ValueError(f"{source}: a partial sync must keep the table ip kube-proxy")
+    patch = compile_changes(table.compiled, kube_proxy_table(ruleset), changes.tables[FAMILY, "kube-proxy"])
+    compiled = time.perf_counter()
+    table.apply(patch)
+    committed = time.perf_counter()
+    moved = table.maintain(sorted({i for i, *_ in patch.set_deletes + patch.set_inserts}))
+    maintained = time.perf_counter()
+    return patch, {"seconds": committed - started, "load_seconds": loaded - started,
+                   "compile_seconds": compiled - loaded, "commit_seconds": committed - compiled,
+                   "rehash_seconds": maintained - committed, "rehash_moves": moved}
+
+
+def measure_updates(cluster: Cluster, ruleset: NftRuleset, table, options: WriterOptions = WriterOptions(),
+                    syncer: Syncer | None = None) -> dict:
+    """One endpoint change, then one service added, written by ``syncer`` (which synced
+    ``cluster`` last; default: a new one taking ``cluster``'s state) and applied to
+    ``ruleset`` and ``table`` (see :func:`apply_transaction`; all three end up holding the
+    changed cluster): per change the transaction's commands by kind and their total, the
+    kernel objects built or freed by kind (NftPatch.operations) and their total, and the
+    model's seconds (``<change>_seconds``: parse, compile and commit; the rhash worker's
+    ``<change>_rehash_seconds`` and ``_rehash_moves`` apart)."""
+    if syncer is None:
+        syncer = Syncer(options)
+        syncer.full(cluster, render=False)
     record = {}
-    for change, changed in (("endpoint_change", moved_endpoint(cluster)), ("service_add", added_service(cluster))):
-        text = write_partial(cluster, changed, options)
-        started = time.perf_counter()
-        applied = load(text, source=change, base=ruleset)
-        loaded = time.perf_counter()
-        compile_table(kube_proxy_table(applied))
-        compiled = time.perf_counter()
-        record[f"{change}_seconds"] = compiled - started
-        record[f"{change}_load_seconds"] = loaded - started
-        record[f"{change}_compile_seconds"] = compiled - loaded
+    for change, make in (("endpoint_change", moved_endpoint), ("service_add", added_service)):
+        changed = make(cluster)
+        text = syncer.partial(changed)
+        patch, seconds = apply_transaction(text, ruleset, table, source=change)
+        record.update({f"{change}_{name}": value for name, value in seconds.items()})
         record[f"{change}_operations"] = operations(text)
         record[f"{change}_operations_total"] = sum(record[f"{change}_operations"].values())
+        record[f"{change}_kernel_operations"] = patch.operations()
+        record[f"{change}_kernel_operations_total"] = sum(patch.operations().values())
+        cluster = changed
     return record
 
 

@@ -64,7 +64,12 @@ Not kept, because no packet path depends on them: handles, element comments and 
 set ``size``/``policy``/``gc-interval``, and the ``with …`` of ``reject``. Counters are kept with
 the values read. :meth:`NftRuleset.rule_counts` and :meth:`NftRuleset.stats` count the result.
 ``load(text, base=ruleset)`` applies a transaction (a partial sync) to an earlier ruleset
-without changing it.
+without changing it. :func:`apply` applies one to a ruleset in place, as the kernel commits it:
+its work is O(changed objects), an error leaves the ruleset as it was, and it returns the
+transaction's net effect (:class:`Changes`), from which the nftables kernel updates a compiled
+table without recompiling it (kernels.nftblob.compile_changes). A text that does not touch a
+table existing before it can only close a chain loop through a chain it jumps to or adds rules
+to, so only those are searched for loops.
 """
 from __future__ import annotations
 
@@ -80,7 +85,7 @@ from bench.netaddr import PROTOCOLS, ip_to_int
 __all__ = ["NftRuleset", "Table", "Chain", "NftSet", "Rule", "Prefix", "AnonSet", "Payload", "Meta",
            "MarkCheck", "MarkSet", "Lookup", "AnonVmap", "Numgen", "Fib", "CtState", "Dnat",
            "Masquerade", "UpdateSet", "Counter", "Verdict", "SELECTOR_TYPES", "load", "load_file",
-           "parse_rule", "rule_references"]
+           "parse_rule", "rule_references", "apply", "Changes", "TableChanges"]
 
 FAMILY = "ip"
 FAMILIES = ("ip", "ip6", "inet", "arp", "bridge", "netdev")
@@ -296,6 +301,53 @@ def load(text: str, source: str = "<string>", base: NftRuleset | None = None) ->
     finally:
         if collecting:
             gc.enable()
+
+
+@dataclass
+class TableChanges:
+    """The net effect of one transaction on a table that exists before and after it."""
+
+    chains: list[str] = field(default_factory=list)  # created, or whose rules were rewritten
+    deleted_chains: list[str] = field(default_factory=list)
+    new_sets: list[str] = field(default_factory=list)  # created (or deleted and re-created)
+    deleted_sets: list[str] = field(default_factory=list)
+    added_elements: dict[str, list[tuple]] = field(default_factory=dict)  # set → [(key, data)]
+    deleted_elements: dict[str, list[tuple]] = field(default_factory=dict)  # set → [key]
+
+
+@dataclass
+class Changes:
+    """What :func:`apply` changed: per table kept, its :class:`TableChanges`; the tables
+    created and deleted (a table deleted and created again is in both)."""
+
+    tables: dict[tuple[str, str], TableChanges]
+    created: list[tuple[str, str]]
+    deleted: list[tuple[str, str]]
+
+
+def apply(text: str, ruleset: NftRuleset, source: str = "<string>") -> Changes:
+    """Apply the transaction ``text`` to ``ruleset`` in place and return its net effect.
+
+    The work is proportional to what the text changes (plus any ``flush`` it asks for); on an
+    error ``ruleset`` keeps its content (a deleted element or chain that comes back may move
+    to the end of its dict)."""
+    collecting = gc.isenabled()
+    gc.disable()
+    loader = _Loader(source, ruleset, in_place=True)
+    try:
+        result = loader.run(text)
+    except BaseException:
+        loader.undo()
+        raise
+    finally:
+        if collecting:
+            gc.enable()
+    before = ruleset.tables
+    ruleset.tables = result.tables
+    kept = {key: state.journal.changes() for key, state in loader.tables.items()
+            if state.journal is not None and before.get(key) is state.table}
+    return Changes(kept, [key for key in ruleset.tables if key not in kept],
+                   [key for key in before if key not in kept])
 
 
 def kube_proxy_table(ruleset: NftRuleset) -> Table:
@@ -802,32 +854,142 @@ class _Block:
 
 
 class _TableState:
-    """A table being edited; objects shared with the base ruleset are copied before a change."""
+    """A table being edited. With a base ruleset, either its objects are copied before a
+    change (``load``), or they are edited in place and the :class:`_Journal` logs each first
+    change (``apply``). ``existed``: the table comes from the base."""
 
-    __slots__ = ("table", "key", "shared_chains", "shared_sets")
+    __slots__ = ("table", "key", "shared_chains", "shared_sets", "existed", "journal")
 
-    def __init__(self, table: Table, shared: bool):
+    def __init__(self, table: Table, shared: bool, in_place: bool = False):
         self.table = table
         self.key = (table.family, table.name)
-        self.shared_chains = set(table.chains) if shared else set()
-        self.shared_sets = set(table.sets) if shared else set()
+        self.existed = shared
+        self.journal = _Journal(table) if in_place else None
+        self.shared_chains = set(table.chains) if shared and not in_place else set()
+        self.shared_sets = set(table.sets) if shared and not in_place else set()
 
     def chain(self, name: str) -> Chain:
         chain = self.table.chains[name]
-        if self.shared_chains and name in self.shared_chains:
+        journal = self.journal
+        if journal is not None and name not in journal.chains:
+            journal.chains[name] = chain
+            chain = self.table.chains[name] = _copy_chain(chain)
+        elif self.shared_chains and name in self.shared_chains:
             self.shared_chains.discard(name)
-            chain = self.table.chains[name] = Chain(chain.name, chain.type, chain.hook, chain.priority,
-                                                    chain.policy, chain.comment, list(chain.rules))
+            chain = self.table.chains[name] = _copy_chain(chain)
         return chain
+
+    def new_chain(self, name: str) -> Chain:
+        if self.journal is not None:
+            self.journal.chains.setdefault(name, self.table.chains.get(name, _ABSENT))
+        chain = self.table.chains[name] = Chain(name)
+        return chain
+
+    def delete_chain(self, name: str) -> None:
+        self.chain(name)  # logs the original
+        del self.table.chains[name]
+
+    def new_set(self, nft_set: NftSet) -> None:
+        if self.journal is not None:
+            self.journal.sets.setdefault(nft_set.name, self.table.sets.get(nft_set.name, _ABSENT))
+        self.table.sets[nft_set.name] = nft_set
+
+    def delete_set(self, name: str) -> None:
+        self.set(name)  # logs the original
+        del self.table.sets[name]
+
+    def note_element(self, nft_set: NftSet, key: tuple) -> None:
+        """Before ``key`` of ``nft_set`` is added or deleted (in place: log its old data)."""
+        if self.journal is not None:
+            self.journal.element(nft_set, key)
 
     def set(self, name: str) -> NftSet:
         nft_set = self.table.sets[name]
-        if self.shared_sets and name in self.shared_sets:
+        if self.journal is not None:
+            self.journal.touch_set(name, nft_set)
+        elif self.shared_sets and name in self.shared_sets:
             self.shared_sets.discard(name)
             nft_set = self.table.sets[name] = NftSet(nft_set.name, nft_set.key_types, nft_set.data_type,
                                                      nft_set.flags, nft_set.timeout, nft_set.comment,
                                                      dict(nft_set.elements))
         return nft_set
+
+
+def _copy_chain(chain: Chain) -> Chain:
+    return Chain(chain.name, chain.type, chain.hook, chain.priority, chain.policy, chain.comment,
+                 list(chain.rules))
+
+
+class _Journal:
+    """A table edited in place: the original of every chain, set and element the text
+    touches (to undo the text on an error) and, from them, the text's net effect."""
+
+    __slots__ = ("table", "comment", "chains", "sets", "set_fields", "elements")
+
+    def __init__(self, table: Table):
+        self.table = table
+        self.comment = table.comment
+        self.chains: dict[str, Chain] = {}  # name → the original chain or _ABSENT
+        self.sets: dict[str, NftSet] = {}  # name → the original set or _ABSENT
+        self.set_fields: dict[int, tuple] = {}  # id(set) → (set, comment, flags, timeout)
+        self.elements: dict[int, tuple[NftSet, dict]] = {}  # id(set) → (set, {key: old data})
+
+    def touch_set(self, name: str, nft_set: NftSet) -> None:
+        self.sets.setdefault(name, nft_set)
+        if id(nft_set) not in self.set_fields:
+            self.set_fields[id(nft_set)] = (nft_set, nft_set.comment, nft_set.flags, nft_set.timeout)
+
+    def element(self, nft_set: NftSet, key: tuple) -> None:
+        entry = self.elements.get(id(nft_set))
+        if entry is None:
+            entry = self.elements[id(nft_set)] = (nft_set, {})
+        if key not in entry[1]:
+            entry[1][key] = nft_set.elements.get(key, _ABSENT)
+
+    def undo(self) -> None:
+        for nft_set, log in self.elements.values():
+            for key, data in log.items():
+                if data is _ABSENT:
+                    nft_set.elements.pop(key, None)
+                else:
+                    nft_set.elements[key] = data
+        for nft_set, comment, flags, timeout in self.set_fields.values():
+            nft_set.comment, nft_set.flags, nft_set.timeout = comment, flags, timeout
+        for entries, log in ((self.table.chains, self.chains), (self.table.sets, self.sets)):
+            for name, original in log.items():
+                if original is _ABSENT:
+                    entries.pop(name, None)
+                else:
+                    entries[name] = original
+        self.table.comment = self.comment
+
+    def changes(self) -> TableChanges:
+        out = TableChanges()
+        for name, original in self.chains.items():
+            if name in self.table.chains:
+                out.chains.append(name)
+            elif original is not _ABSENT:
+                out.deleted_chains.append(name)
+        for name, original in self.sets.items():
+            current = self.table.sets.get(name)
+            if current is original:
+                continue
+            if original is not _ABSENT:
+                out.deleted_sets.append(name)
+            if current is not None:
+                out.new_sets.append(name)
+        for nft_set, log in self.elements.values():
+            if self.table.sets.get(nft_set.name) is not nft_set or self.sets.get(nft_set.name) is not nft_set:
+                continue  # a new or deleted set: whole
+            for key, old in log.items():
+                new = nft_set.elements.get(key, _ABSENT)
+                if new == old:
+                    continue
+                if old is not _ABSENT:
+                    out.deleted_elements.setdefault(nft_set.name, []).append(key)
+                if new is not _ABSENT:
+                    out.added_elements.setdefault(nft_set.name, []).append((key, new))
+        return out
 
 
 @dataclass
@@ -839,13 +1001,15 @@ class _SetDraft:
 
 
 class _Loader:
-    def __init__(self, source: str, base: NftRuleset | None):
+    def __init__(self, source: str, base: NftRuleset | None, in_place: bool = False):
         self.source = source
         self.tables: dict[tuple[str, str], _TableState] = {}
         if base is not None:
             for key, table in base.tables.items():
-                copy = Table(table.family, table.name, table.comment, dict(table.chains), dict(table.sets))
-                self.tables[key] = _TableState(copy, shared=True)
+                if not in_place:
+                    table = Table(table.family, table.name, table.comment, dict(table.chains), dict(table.sets))
+                self.tables[key] = _TableState(table, shared=True, in_place=in_place)
+        self.journals = [state.journal for state in self.tables.values() if state.journal is not None]
         self.blocks: list[_Block] = []
         self.statement: list[str] = []
         self.depth = 0  # open expression braces in the statement
@@ -856,6 +1020,12 @@ class _Loader:
         # References to each (table, chain) and (table, set), counted from the first delete on.
         self.chain_counts: _Counter | None = None
         self.set_counts: _Counter | None = None
+        self.ruled_chains: set[tuple] = set()  # (table, chain) that got rules in this text
+
+    def undo(self) -> None:
+        """Put every table edited in place back as it was (after an error)."""
+        for journal in self.journals:
+            journal.undo()
 
     # -- reading --
     def run(self, text: str) -> NftRuleset:
@@ -1064,8 +1234,7 @@ class _Loader:
 
     # chain
     def _new_chain(self, state: _TableState, name: str) -> Chain:
-        chain = state.table.chains[name] = Chain(name)
-        return chain
+        return state.new_chain(name)
 
     def _add_chain(self, cur: _Cursor, number: int, create: bool = False) -> None:
         state = self._table(cur)
@@ -1102,7 +1271,7 @@ class _Loader:
             raise InputError(f"chain {name} is not empty (flush it first)", field=name)
         if self._chain_counts()[state.key, name]:
             raise InputError(f"chain {name} is still referenced by a rule or map element", field=name)
-        del state.table.chains[name]
+        state.delete_chain(name)
 
     # rule
     def _add_rule(self, tokens: list[str], number: int, insert: bool) -> None:
@@ -1116,20 +1285,22 @@ class _Loader:
             chain.rules.insert(0, rule)
         else:
             chain.rules.append(rule)
-        self._note_rule(state, rule, number)
+        self._note_rule(state, chain.name, rule, number)
 
     def _insert_rule(self, cur: _Cursor, number: int) -> None:
         self._add_rule(cur.tokens, number, insert=True)
 
-    def _note_rule(self, state: _TableState, rule: Rule, number: int) -> None:
+    def _note_rule(self, state: _TableState, chain_name: str, rule: Rule, number: int) -> None:
         chains, sets = rule_references(rule)
         table = state.key
+        if state.existed:  # only then are loops searched from the chains given rules
+            self.ruled_chains.add((table, chain_name))
         for chain in chains:
             self.chain_references.setdefault((table, chain), number)
         for use in sets:
             self.set_references.setdefault((table, *use), number)
         if self.chain_counts is not None or self.set_counts is not None:
-            self._count_rule(table, rule, 1)
+            self._count_names(table, chains, [use[0] for use in sets], 1)
 
     def _delete_rule(self, cur: _Cursor, number: int) -> None:
         raise InputError("deleting rules by handle is not supported", field="delete rule")
@@ -1151,7 +1322,12 @@ class _Loader:
         nft_set = self._set_named(state, name)
         if self.chain_counts is not None:
             self.chain_counts.subtract((state.key, c) for c in _element_chains(nft_set))
-        nft_set.elements = {}
+        if state.journal is None:
+            nft_set.elements = {}
+            return
+        for key in nft_set.elements:
+            state.note_element(nft_set, key)
+        nft_set.elements.clear()
 
     def _delete_set(self, cur: _Cursor, number: int, kind: str = "set", missing_ok: bool = False) -> None:
         state = self._table(cur)
@@ -1164,7 +1340,7 @@ class _Loader:
             raise InputError(f"{kind} {name} is still used by a rule", field=name)
         if self.chain_counts is not None:
             self.chain_counts.subtract((state.key, c) for c in _element_chains(nft_set))
-        del state.table.sets[name]
+        state.delete_set(name)
 
     # element
     def _elements_target(self, cur: _Cursor) -> tuple[_TableState, NftSet, int]:
@@ -1184,6 +1360,7 @@ class _Loader:
                 if missing_ok:
                     continue
                 raise InputError(f"{nft_set.name} has no element {_key_text(key)}", field=nft_set.name)
+            state.note_element(nft_set, key)
             old = nft_set.elements.pop(key)
             if self.chain_counts is not None and old is not None and old.chain is not None:
                 self.chain_counts[state.key, old.chain] -= 1
@@ -1199,6 +1376,7 @@ class _Loader:
                 if create or old != data:
                     raise InputError(f"{nft_set.name} already has {_key_text(key)}", field=nft_set.name)
                 continue
+            state.note_element(nft_set, key)
             elements[key] = data
             if data is not None and data.chain is not None:
                 line = self._line_of(index) if self.breaks else number
@@ -1261,7 +1439,7 @@ class _Loader:
         else:
             rule = parse_rule(tokens, 0, number)
             block.obj.rules.append(rule)
-            self._note_rule(block.table, rule, number)
+            self._note_rule(block.table, block.obj.name, rule, number)
 
     def _chain_type(self, block: _Block, cur: _Cursor) -> None:
         chain: Chain = block.obj
@@ -1354,7 +1532,7 @@ class _Loader:
             if (existing.key_types, existing.data_type) != (tuple(types), data_type):
                 raise InputError(f"{block.kind} {name} exists with another type", field=name)
         else:
-            state.table.sets[name] = NftSet(name, tuple(types), data_type)
+            state.new_set(NftSet(name, tuple(types), data_type))
         self._apply_draft(block)
 
     def _declared_set(self, block: _Block) -> NftSet:
@@ -1414,7 +1592,9 @@ class _Loader:
                     counts.update((table, name) for name in _names_referenced(rule)[which])
 
     def _count_rule(self, table: tuple[str, str], rule: Rule, sign: int) -> None:
-        chains, sets = _names_referenced(rule)
+        self._count_names(table, *_names_referenced(rule), sign)
+
+    def _count_names(self, table: tuple[str, str], chains: list[str], sets: list[str], sign: int) -> None:
         for counts, names in ((self.chain_counts, chains), (self.set_counts, sets)):
             if counts is not None:
                 for name in names:
@@ -1437,8 +1617,12 @@ class _Loader:
                 errors.append((line, error))
         if errors:
             raise min(errors, key=lambda item: item[0])[1]
-        for key, table in tables.items():
-            loop = _find_loop(table)
+        for key, state in self.tables.items():
+            table = state.table
+            roots = table.chains
+            if state.existed:  # a new loop runs through a chain this text jumps to or adds rules to
+                roots = [chain for (t, chain) in [*self.chain_references, *self.ruled_chains] if t == key]
+            loop = _find_loop(table, roots)
             if loop:
                 # A new loop needs a reference made in this text: report the first one on it.
                 lines = [self.chain_references.get((key, chain)) for chain in loop]
@@ -1503,13 +1687,30 @@ def _check_set_use(nft_set: NftSet | None, name: str, keys: tuple[str, ...], how
                          f"({' . '.join(nft_set.key_types)})", where, name)
 
 
-def _find_loop(table: Table) -> list[str] | None:
-    """A cycle of chains, which the kernel refuses (ELOOP)."""
-    map_targets = {name: set(_element_chains(s)) for name, s in table.sets.items() if s.is_map}
-    edges: dict[str, set[str]] = {}
-    for chain in table.chains.values():
-        targets = set()
-        for rule in chain.rules:
+def _find_loop(table: Table, roots) -> list[str] | None:
+    """A cycle of chains reachable from the chains ``roots``, which the kernel refuses (ELOOP)."""
+    edges = _Edges(table)
+    done: set[str] = set()
+    for root in roots:
+        if root not in done and root in table.chains:
+            loop = _loop_from(root, edges, done)
+            if loop:
+                return loop
+    return None
+
+
+class _Edges(dict):
+    """chain → the chains its rules can lead to, computed on first use."""
+
+    def __init__(self, table: Table):
+        super().__init__()
+        self.table = table
+        self.map_targets: dict[str, set[str]] = {}
+
+    def __missing__(self, name: str) -> set[str]:
+        chain = self.table.chains.get(name)
+        targets = self[name] = set()
+        for rule in chain.rules if chain is not None else ():
             # Only a rule's verdict, its last op, can lead to another chain.
             last = rule.exprs[-1]
             kind = type(last)
@@ -1519,19 +1720,14 @@ def _find_loop(table: Table) -> list[str] | None:
             elif kind is Numgen or kind is AnonVmap:
                 targets.update(v.chain for v in last.elements.values() if v.chain is not None)
             elif kind is Lookup and last.vmap:
-                targets |= map_targets.get(last.set, set())
-        if targets:
-            edges[chain.name] = targets
-    # Only a jump to a chain that jumps on can be on a loop; dropping the others shrinks
-    # kube-proxy's graph to services -> service chains (endpoint chains only reach a leaf).
-    edges = {name: onward for name, targets in edges.items() if (onward := targets & edges.keys())}
-    done: set[str] = set()
-    for root in edges:
-        if root not in done:
-            loop = _loop_from(root, edges, done)
-            if loop:
-                return loop
-    return None
+                targets |= self.targets_of_map(last.set)
+        return targets
+
+    def targets_of_map(self, name: str) -> set[str]:
+        if name not in self.map_targets:
+            nft_set = self.table.sets.get(name)
+            self.map_targets[name] = set(_element_chains(nft_set)) if nft_set is not None else set()
+        return self.map_targets[name]
 
 
 def _loop_from(root: str, edges: dict[str, set[str]], done: set[str]) -> list[str] | None:
@@ -1546,7 +1742,7 @@ def _loop_from(root: str, edges: dict[str, set[str]], done: set[str]) -> list[st
             pending.pop()
         elif target in on_path:
             return path[path.index(target):] + [target]
-        elif target in edges and target not in done:
+        elif target not in done:
             path.append(target)
             on_path.add(target)
             pending.append(iter(edges[target]))

@@ -2,13 +2,31 @@
 
 nftables-mode points record the nft work per packet (rules started over all hooks, those at
 PREROUTING, expressions, set lookups, …), memory, the full sync's write, load and compile
-seconds, and the partial syncs of bench/costs/nftables.py. The default profile stops at
-20,000 services for nftables: a 50,000-service point spends about 45 s writing, loading and
-compiling the table (and twice more compiling the partial syncs), which would break the
-profile's five-minute budget; the first-packet rule count is flat long before that.
+seconds, and the partial syncs of bench/costs/nftables.py, applied to the live table in place
+(O(changed chains and elements)). The writer keeps kube-proxy's state between the full sync
+and the partial syncs (bench.proxies.nftables.Syncer), as kube-proxy does. The full sync's
+Python writer, loader and compiler are most of a large point's time: about 85 CPU seconds at
+50,000 services × 10 endpoints (2.6 million ``nft`` commands) and 30 at 1,000 × 250.
+
+Why the first packet's time grows with services while its work does not: the rules started,
+expressions, lookups and bucket compares per first packet are flat (8 PREROUTING rules, 3
+lookups, 2-3 compares at every size), but each first packet goes to a random service, so the
+chains, the numgen map and the service-ips element it touches were last touched long ago, and
+once the services' rules and maps outgrow the CPU caches each of those reads is a miss to
+memory. A micro-experiment (PREROUTING only, E=10, Cython, median of the best of 5 runs of
+20,000 packets; noisy shared machine): random services 161 / 691 / 1,392 ns at 100 / 2,000 /
+10,000 services (model 0.3 / 5.6 / 29 MB); the same tables with every packet to one service:
+140 ns at every size; with packets spread over the first 100 services of the 10,000-service
+table (the same big service-ips map and blob): 170 ns. So it is not the table size or the
+Python model: it is the working set, as in the kernel, whose per-service rules, chains and
+numgen maps are separate allocations too. The model touches somewhat more cache lines per map
+lookup than the kernel (a HashSet's object and four arrays, where nft_hash_fast has its
+buckets in the set and the key and verdict in the element), so the absolute rise overstates
+the kernel's somewhat; the shape is the kernel's.
 """
 from __future__ import annotations
 
+import gc
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -48,6 +66,7 @@ class NftablesDatapath:
         self.local = np.array(sorted(ip_to_int(ip) for ip in node_ips), dtype=np.uint32)
         compiled = compiled or compile_table(kube_proxy_table(ruleset), seed)
         self.table = kernels.load("nftables", backend).Ruleset(compiled, self.local, seed=seed)
+        self.table.maintain()  # the rhashtable worker has run since the full sync
         self.conntrack = conntrack.ConntrackTable(buckets=conntrack_buckets, seed=seed)
         # The nftables kernel has no timer probe of its own; both kernels read the same clock.
         self.timer_overhead = int(kernels.load("iptables", backend).timer_overhead_ns())
@@ -108,9 +127,23 @@ def as_nat_result(nft: np.ndarray) -> np.ndarray:
 
 
 def measure(point) -> list[dict]:
+    # A point builds millions of long-lived objects without cycles (the ruleset, the compiled
+    # chains, the maps); the cyclic GC would rescan them all again and again, and pause the
+    # timed partial syncs.
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        return _measure(point)
+    finally:
+        if collecting:
+            gc.enable()
+
+
+def _measure(point) -> list[dict]:
     cluster = generate(point.services, point.endpoints, point.nodes, seed=point.seed, mix=point.mix)
     options = nftables_writer.WriterOptions(service_order_seed=point.seed)
-    ruleset, compiled, full_sync = nftables_costs.full_sync(cluster, options, seed=point.seed)
+    syncer = nftables_writer.Syncer(options)  # kube-proxy's state, kept for the partial syncs
+    ruleset, compiled, full_sync = nftables_costs.full_sync(cluster, options, seed=point.seed, syncer=syncer)
     datapath = NftablesDatapath(ruleset, cluster.config.node_ips, seed=point.seed, compiled=compiled)
 
     to_service = service_connections(cluster, service_ports(cluster), point.packets, seed=point.seed)
@@ -118,13 +151,10 @@ def measure(point) -> list[dict]:
     to_pods = datapath.process(pod_connections(cluster, point.packets, seed=point.seed + 1))
     later = datapath.process(established(to_service), established(first.after_nat))
 
-    common = {
-        "kind": "point", "point_id": point.point_id, **asdict(point),
-        "rules": ruleset.stats(),
-        **nftables_costs.memory(datapath),
-        **full_sync,
-        **nftables_costs.measure_updates(cluster, ruleset, options),
-    }
+    common = {"kind": "point", "point_id": point.point_id, **asdict(point), "rules": ruleset.stats(),
+              **nftables_costs.memory(datapath), **full_sync}
+    # Last: the partial syncs change the ruleset and the data path's table in place.
+    common.update(nftables_costs.measure_updates(cluster, ruleset, datapath.table, options, syncer))
     # entries_visited counts every hook's rules, as iptables' counts both tables;
     # nat_entries_visited is the PREROUTING hook, where the service is chosen.
     return [{**common, "workload": name, **path_record(result),

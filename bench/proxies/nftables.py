@@ -170,9 +170,9 @@ class _Names:
     hashed: str
 
     @classmethod
-    def of(cls, info: ServicePortInfo, protocol: str) -> _Names:
+    def of(cls, info: ServicePortInfo, protocol: str, hashed=hash_and_truncate) -> _Names:
         base = service_port_name(info, protocol)
-        return cls(base, hash_and_truncate(base))
+        return cls(base, hashed(base))
 
     @property
     def service(self) -> str:
@@ -190,8 +190,8 @@ class _Names:
     def firewall(self) -> str:
         return FIREWALL_PREFIX + self.hashed
 
-    def endpoint_base(self, ep: EndpointInfo) -> str:
-        return hash_and_truncate(endpoint_name(self.base, ep.ip, ep.port))
+    def endpoint_base(self, ep: EndpointInfo, hashed=hash_and_truncate) -> str:
+        return hashed(endpoint_name(self.base, ep.ip, ep.port))
 
 
 def listed_priority(priority: int, hook: str) -> str:
@@ -490,6 +490,15 @@ class _Proxier:
         self.elements = {name: _Elements(kind, name) for kind, name in _STORED}
         self.chains: set[str] = set()  # per-service chains in the kernel
         self.affinity_sets: set[str] = set()
+        # kube-proxy names a service port's and an endpoint's chains once, when it learns of
+        # them, not on every sync.
+        self.hashed_names: dict[str, str] = {}
+
+    def hashed(self, name: str) -> str:
+        hashed = self.hashed_names.get(name)
+        if hashed is None:
+            hashed = self.hashed_names[name] = hash_and_truncate(name)
+        return hashed
 
     def sync(self, cluster: Cluster, infos: list[ServicePortInfo], tx: _Transaction, full: bool,
              changed: frozenset[str] | None) -> None:
@@ -540,9 +549,9 @@ class _Proxier:
     # -- one service port --
     def _service(self, sync: _Sync, info: ServicePortInfo) -> None:
         port = plan_port(info, sync.host)
-        names = _Names.of(info, port.proto)
+        names = _Names.of(info, port.proto, self.hashed)
         write = sync.changed is None or port.key in sync.changed
-        endpoint_bases = {ep.address: names.endpoint_base(ep) for ep in port.reachable_endpoints}
+        endpoint_bases = {ep.address: names.endpoint_base(ep, self.hashed) for ep in port.reachable_endpoints}
         for base in endpoint_bases.values():
             _ensure_service_chain(sync, ENDPOINT_PREFIX + base, write)
             if port.affinity_timeout:
@@ -789,11 +798,40 @@ def _write_endpoint_rules(tx: _Transaction, port: PortPlan, ep: EndpointInfo, ba
 
 # --- transactions ------------------------------------------------------------------------------
 
+class Syncer:
+    """kube-proxy's nftables proxier over successive syncs: a full sync, then partial syncs
+    computed from the state the previous sync left (as kube-proxy keeps it), each returning
+    its ``nft -f`` transaction."""
+
+    def __init__(self, options: WriterOptions = WriterOptions()):
+        self._proxier = _Proxier(options)
+        self._ports: list[ServicePortInfo] | None = None
+
+    def full(self, cluster: Cluster, render: bool = True) -> str:
+        """The full-sync transaction (``render=False``: only take its state, return "")."""
+        ports = service_ports(cluster)
+        tx = _Text() if render else _Transaction()
+        # Without rendering only the state matters, so no service's rules are written.
+        self._proxier.sync(cluster, ports, tx, full=True, changed=None if render else frozenset())
+        self._ports = ports
+        return tx.text() if render else ""
+
+    def partial(self, cluster: Cluster) -> str:
+        """The partial-sync transaction after the last synced cluster became ``cluster``
+        (see :func:`write_partial`)."""
+        if self._ports is None:
+            raise ValueError("a partial sync needs a full sync first")
+        ports = service_ports(cluster)
+        tx = _Text()
+        self._proxier.sync(cluster, ports, tx, full=False,
+                           changed=frozenset(changed_services(self._ports, ports)))
+        self._ports = ports
+        return tx.text()
+
+
 def write_full(cluster: Cluster, options: WriterOptions = WriterOptions()) -> str:
     """The full-sync transaction for ``cluster`` on a node without kube-proxy's table yet."""
-    tx = _Text()
-    _Proxier(options).sync(cluster, service_ports(cluster), tx, full=True, changed=None)
-    return tx.text()
+    return Syncer(options).full(cluster)
 
 
 def write_partial(previous: Cluster, current: Cluster, options: WriterOptions = WriterOptions()) -> str:
@@ -806,13 +844,9 @@ def write_partial(previous: Cluster, current: Cluster, options: WriterOptions = 
     set up on full syncs; a change of node or of kube-proxy's configuration makes kube-proxy
     sync in full: use write_full then.
     """
-    before, after = service_ports(previous), service_ports(current)
-    proxier = _Proxier(options)
-    # Only the state matters here, so no service's rules need rendering.
-    proxier.sync(previous, before, _Transaction(), full=True, changed=frozenset())
-    tx = _Text()
-    proxier.sync(current, after, tx, full=False, changed=frozenset(changed_services(before, after)))
-    return tx.text()
+    syncer = Syncer(options)
+    syncer.full(previous, render=False)
+    return syncer.partial(current)
 
 
 def write_ruleset_listing(cluster: Cluster, options: WriterOptions = WriterOptions()) -> str:

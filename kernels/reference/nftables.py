@@ -15,6 +15,8 @@ Within a chain (nft_do_chain): each rule's expressions run left to right until o
 17th level drops the packet, as the kernel's WARN_ON does), goto does not push, return or the
 end of a chain pops, and an empty stack falls back to the base chain's policy.
 
+``apply(patch)`` commits a transaction compiled by kernels.nftblob.compile_changes.
+
 Sets: the named ones are HashSet(policy="rhash") (12-byte keys for service-ips); a dynamic set
 with a timeout (``update @affinity-… { ip saddr }``) stores each element's expiry (packet time
 + timeout, seconds) as its value, and a lookup misses an expired element, as nft_rhash_cmp
@@ -42,7 +44,7 @@ import time
 import numpy as np
 
 from kernels import layout as L
-from kernels.nftblob import CompiledNft, anon_map_sets, compile_table, compiled_bytes, modelled_bytes
+from kernels.nftblob import CompiledNft, NftPatch, anon_map_sets, compile_table, compiled_bytes, modelled_bytes
 from kernels.reference.hashing import SplitMix64, reciprocal_scale
 from kernels.reference.hashset import HashSet
 
@@ -56,13 +58,15 @@ class _Walk:
 
     __slots__ = ("src", "dst", "sport", "dport", "proto", "ctstate", "mark", "time", "regs",
                  "dnat", "dnat_ip", "dnat_port", "masquerade", "entries_visited", "expressions",
-                 "set_lookups", "bucket_entries_compared", "jumps", "rng_draws")
+                 "set_lookups", "bucket_entries_compared", "jumps", "rng_draws",
+                 "packet")  # the record as it arrived, for iptables-nft's compat (_xt_call)
 
     def __init__(self, record):
         p = record
         self.src, self.dst, self.sport, self.dport, self.proto = p[0], p[1], p[2], p[3], p[4]
         self.ctstate, self.mark, self.time = p[6], p[7], p[9]
         self.regs = bytearray(4 * L.NFT_REGS)
+        self.packet = record
         self.dnat = self.masquerade = False
         self.dnat_ip = self.dnat_port = 0
         self.entries_visited = self.expressions = self.set_lookups = 0
@@ -83,31 +87,51 @@ class Ruleset:
 
     def __init__(self, compiled: CompiledNft, local_addrs=(), seed: int = 0):
         self.compiled = c = compiled
-        self._blob = c.blob.tobytes()
+        self._blob = memoryview(c.blob)
         self._local = {int(a) for a in np.asarray(local_addrs, dtype=np.uint32)}
         self._rng = SplitMix64(seed)
-        self.sets = []
-        set_rng = SplitMix64(seed ^ 0x5E75)
-        for s in c.sets:
-            hs = HashSet(s.key_len, "rhash", seed=set_rng.next_u64(),
-                         data_len=L.NFT_VERDICT_DATA_BYTES if s.is_map else 0)
-            values = s.values if not s.timeout else np.full(len(s.keys), s.timeout, dtype=np.uint32)
-            if len(s.keys):
-                hs.insert(s.keys, values)
-            self.sets.append(hs)
-        self.hmaps = anon_map_sets(c, HashSet)
+        self._set_rng = SplitMix64(seed ^ 0x5E75)
+        self.sets = [self._named_set(s) for s in c.sets]
+        self.hmaps = anon_map_sets(c.hmaps, HashSet)
+
+    def _named_set(self, s) -> HashSet:
+        hs = HashSet(s.key_len, "rhash", seed=self._set_rng.next_u64(),
+                     data_len=L.NFT_VERDICT_DATA_BYTES if s.is_map else 0)
+        values = s.values if not s.timeout else np.full(len(s.keys), s.timeout, dtype=np.uint32)
+        if len(s.keys):
+            hs.insert(s.keys, values)
+        return hs
 
     @classmethod
     def from_table(cls, table, local_addrs=(), seed: int = 0) -> "Ruleset":
         """A Ruleset for a bench.loaders.nftables.Table (compiled with the same seed)."""
         return cls(compile_table(table, seed), local_addrs, seed)
 
+    def attach_xt(self, table) -> None:
+        """iptables-nft (bench/loaders/iptables_nft.py): the kernels.reference.iptables.Table
+        whose xt matches and targets this table's compat expressions run, with its state."""
+        self.xt = table
+
     def reseed(self, seed: int) -> None:
         self._rng = SplitMix64(seed)
 
-    def maintain(self) -> int:
-        """The rhashtable worker's deferred grow/shrink of every named set; elements moved."""
-        return sum(hs.maintain() for hs in self.sets)
+    def maintain(self, set_ids=None) -> int:
+        """The rhashtable worker's deferred grow/shrink of the named sets ``set_ids`` (default:
+        all); returns the elements moved."""
+        return sum(self.sets[i].maintain() for i in (range(len(self.sets)) if set_ids is None else set_ids))
+
+    def apply(self, patch: NftPatch) -> None:
+        """Commit a transaction (kernels.nftblob.compile_changes): the changed chains' blobs,
+        new anonymous maps, named-set elements deleted then added. The rhash worker's grow or
+        shrink is deferred, as in the kernel: run ``maintain()`` after."""
+        self.compiled.apply(patch)
+        self._blob = memoryview(self.compiled.blob)
+        self.sets += [self._named_set(s) for s in patch.new_sets]
+        for i, keys in patch.set_deletes:
+            self.sets[i].delete(keys)
+        for i, keys, values in patch.set_inserts:
+            self.sets[i].insert(keys, values)
+        self.hmaps += anon_map_sets(patch.hmaps, HashSet)
 
     # ---- batch and single-packet entry points ----------------------------------------------
 
@@ -226,9 +250,41 @@ class Ruleset:
             return L.NFT_V_ACCEPT << 24
         elif kind == L.NFT_OP_DYNSET:
             self._dynset(w, r, length, a, b)
+        elif kind in (L.NFT_OP_XT_MATCH, L.NFT_OP_XT_TARGET):
+            return self._xt_call(w, a, b, kind == L.NFT_OP_XT_TARGET, decide)
         elif kind == L.NFT_OP_VERDICT:
             return a
         return L.NFT_V_NONE
+
+    # ---- iptables-nft: nft_compat's xt match and target expressions ------------------------
+
+    def _xt_call(self, w: _Walk, entry: int, index: int, target: bool, decide) -> int:
+        """The legacy twin's own xt extension (match ``index`` or the target of the entry at
+        ``entry`` in the attached Table), on the packet as this rule sees it. ``decide`` (the
+        tracer's) replaces a statistic match's draw, as in the legacy twin's walk_one. With no
+        Table attached the extension is missing: the packet is dropped (as the Cython kernel)."""
+        if getattr(self, "xt", None) is None:
+            return L.NFT_V_DROP << 24
+        if not target:
+            record = (w.src, w.dst, w.sport, w.dport, *w.packet[4:7], w.mark, *w.packet[8:])
+            matched, x = self.xt.compat_match(entry, index, record, w.mark, decide)
+            w.rng_draws += x[9]
+            w.set_lookups += x[11]
+            w.bucket_entries_compared += x[12]
+            return L.NFT_V_NONE if matched else L.NFT_V_BREAK
+        going_on, x = self.xt.compat_target(entry, w.mark)
+        verdict, _, port, address, mark = x[:5]
+        if going_on:  # XT_CONTINUE: MARK
+            w.mark = mark
+            return L.NFT_V_NONE
+        if verdict == L.V_DNAT:
+            w.dnat, w.dnat_ip, w.dnat_port = True, address, port or w.dport
+            w.dst, w.dport = w.dnat_ip, w.dnat_port
+        elif verdict == L.V_MASQUERADE:
+            w.masquerade = True
+        else:
+            return (L.NFT_V_REJECT if verdict == L.V_REJECT else L.NFT_V_DROP) << 24
+        return L.NFT_V_ACCEPT << 24
 
     # ---- sets and maps ---------------------------------------------------------------------
 
@@ -283,7 +339,7 @@ class Ruleset:
     # ---- memory ----------------------------------------------------------------------------
 
     def modelled_bytes(self) -> int:
-        return modelled_bytes(self.compiled, self.sets + self.hmaps)
+        return modelled_bytes(self.compiled, self.sets, self.hmaps)
 
     def model_bytes(self) -> int:
         """Bytes of this model's own tables: the blob, the compiled arrays and the sets."""
