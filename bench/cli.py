@@ -13,7 +13,8 @@ from pathlib import Path
 
 from bench.errors import InputError
 
-MODES = ("iptables", "ipvs", "nftables")
+MODES = ("iptables", "ipvs", "nftables", "userspace", "ebpf")  # ebpf: a reference model, not kube-proxy
+TRACE_MODES = ("iptables", "ipvs", "nftables")  # userspace: its REDIRECT rules need bench/loaders/userspace.py
 
 
 def _add_cluster_inputs(parser: argparse.ArgumentParser, required: bool) -> None:
@@ -53,27 +54,53 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     bench = sub.add_parser("bench", help="run the benchmark sweep (what `make bench` runs)",
-                           description="Sweep services × endpoints × nodes, measure each point's "
-                                       "data path and rule sync, and write results.jsonl, "
-                                       "results.csv and a PNG. Finished points are kept: rerunning "
-                                       "resumes.")
-    bench.add_argument("--profile", choices=("quick", "default"), default="default",
-                       help="quick: two small points per E, for CI; default: services "
-                            "100..20,000 (ipvs: ..50,000) × endpoints 1, 10 (default: %(default)s)")
+                           description="Sweep mode (and variant) × services × endpoints × nodes; "
+                                       "for each point measure the data path (new connections to "
+                                       "services at random and at the first, middle and last "
+                                       "position, to pods, established packets), the rule syncs "
+                                       "(full, partial after one endpoint change, one service "
+                                       "added) and memory; then simulate network programming "
+                                       "latency on N nodes from the measured sync costs. Writes "
+                                       "results.jsonl (appended and flushed per point: rerunning "
+                                       "resumes), results.csv (and results.parquet with pyarrow) "
+                                       "and the report. A grid that would not fit in memory is "
+                                       "refused before it starts.",
+                           formatter_class=argparse.RawDescriptionHelpFormatter,
+                           epilog="profiles:\n"
+                                  "  quick    a few small points per mode and a small nodes axis (~1 min, CI)\n"
+                                  "  default  services 100..20,000 (ipvs ..50,000) × E 1, 10 at 100 nodes; "
+                                  "E 3, 30;\n"
+                                  "           nodes 1,000 and 5,000 and the variants at 1,000 services (a few minutes)\n"
+                                  "  full     services to 100,000 (1,000,000 endpoints), nodes to 10,000\n"
+                                  "variants (--variants MODE:KEY=VALUE):\n"
+                                  "  iptables:comments=off   no rule comments at all\n"
+                                  "  ipvs:scheduler=NAME     rr, wrr, lc, wlc, sh, dh, mh, sed, nq")
+    bench.add_argument("--profile", choices=("quick", "default", "full"), default="default",
+                       help="the grid to sweep, see below (default: %(default)s)")
     bench.add_argument("--modes", nargs="+", metavar="MODE",
-                       help=f"modes to measure, of {', '.join(MODES)} (default: all)")
-    bench.add_argument("--services", type=int, nargs="+", metavar="S", help="override the services grid")
+                       help=f"modes to measure, of {', '.join(MODES)} (ebpf: a Cilium-like reference "
+                            "model, not a kube-proxy mode; default: all)")
+    bench.add_argument("--services", type=int, nargs="+", metavar="S",
+                       help="override the services axis (with --endpoints/--nodes: one grid instead "
+                            "of the profile's blocks)")
     bench.add_argument("--endpoints", type=int, nargs="+", metavar="E",
-                       help="override the endpoints-per-service grid")
-    bench.add_argument("--nodes", type=int, nargs="+", metavar="N", help="override the nodes grid")
+                       help="override the endpoints-per-service axis")
+    bench.add_argument("--nodes", type=int, nargs="+", metavar="N", help="override the nodes axis")
+    bench.add_argument("--variants", nargs="+", metavar="MODE:KEY=VALUE",
+                       help="also measure these variants on the grid, e.g. iptables:comments=off "
+                            "ipvs:scheduler=mh")
     bench.add_argument("--packets", type=int, metavar="N",
                        help="packets per workload and point (default: the profile's)")
+    bench.add_argument("--cpus", type=int, default=64, metavar="N",
+                       help="CPUs of the modelled node, for per-CPU kernel memory (default: %(default)s)")
     bench.add_argument("--seed", type=int, default=0, help="seed for every random choice (default: 0)")
     bench.add_argument("--out", metavar="DIR", default="reports", help="output folder (default: %(default)s)")
     bench.add_argument("--fresh", action="store_true", help="discard earlier results and start over")
     bench.add_argument("--no-benchmarks", action="store_true",
                        help="skip the kernel-speed and load benchmarks after the sweep")
-    bench.add_argument("--quiet", action="store_true", help="no progress bar")
+    bench.add_argument("--trace-memory", action="store_true",
+                       help="also record tracemalloc's peak per point (4-6x slower points)")
+    bench.add_argument("--quiet", action="store_true", help="no progress bar (for logs)")
 
     rules = sub.add_parser("rules", help="print the rules kube-proxy would program for a cluster",
                            description="Print exactly what kube-proxy's MODE programs for the "
@@ -85,8 +112,16 @@ def build_parser() -> argparse.ArgumentParser:
                                        "addresses of kube-ipvs0 (IPVS mode has no partial sync); "
                                        "for nftables, the `nft -f` transaction of a full sync (or, "
                                        "with --previous, the partial sync; with --listing, the "
-                                       "ruleset as `nft list ruleset` prints it).")
-    rules.add_argument("mode", choices=MODES, help="the kube-proxy mode")
+                                       "ruleset as `nft list ruleset` prints it); for userspace, "
+                                       "the legacy proxy's portal rules as `iptables-save -t nat` "
+                                       "lists them, one REDIRECT (pods) and one DNAT (the node) "
+                                       "rule per service port and address, to its proxy port; "
+                                       "for ebpf (a Cilium-like REFERENCE MODEL, not a kube-proxy "
+                                       "mode), the BPF service-map and backend-map entries an eBPF "
+                                       "kube-proxy replacement programs, one line per entry "
+                                       "(format: bench/loaders/ebpf.py); a cluster needing more "
+                                       "entries than a map's 65,536 is refused.")
+    rules.add_argument("mode", choices=MODES, help="the kube-proxy mode (ebpf: a reference model)")
     _add_cluster_inputs(rules, required=True)
     rules.add_argument("--previous", metavar="FILE",
                        help="manifests of the cluster before a change: print the partial-sync payload")
@@ -97,7 +132,16 @@ def build_parser() -> argparse.ArgumentParser:
                             "so the output loads whole with iptables-restore")
     rules.add_argument("--order-seed", type=int, metavar="N",
                        help="shuffle service order as Go's map iteration would (default: sorted)")
+    rules.add_argument("--proxy-port-range", metavar="LOW-HIGH",
+                       help="userspace: the ports the proxy listens on, one per service port, "
+                            "chosen at random with --order-seed's seed (default: Linux's "
+                            "ephemeral range 32768-60999)")
     rules.add_argument("--output", "-o", metavar="FILE", help="write to FILE instead of stdout")
+    rules.add_argument("--backend", choices=("legacy", "nft"), default="legacy",
+                       help="iptables: legacy prints the iptables-restore payload; nft prints the "
+                            "full sync's rules as iptables-nft stores them in nf_tables, in `nft "
+                            "list ruleset` form (native payload/meta/cmp expressions, xt compat "
+                            "matches and targets, comments as rule comments) (default: legacy)")
     _add_scheduler_option(rules)
     _add_host_options(rules)
 
@@ -111,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
                                        "mode the base chains of ip kube-proxy run per hook in "
                                        "priority order (PREROUTING or OUTPUT, INPUT or FORWARD, "
                                        "POSTROUTING); local = the --node-ip addresses only.")
-    trace.add_argument("mode", choices=MODES, help="the kube-proxy mode")
+    trace.add_argument("mode", choices=TRACE_MODES, help="the kube-proxy mode")
     source = trace.add_mutually_exclusive_group(required=True)
     source.add_argument("--ruleset", metavar="FILE",
                         help="iptables: iptables-save output; ipvs: the output of `kpbench rules ipvs`; "
@@ -136,6 +180,10 @@ def build_parser() -> argparse.ArgumentParser:
                             "every reachable endpoint")
     trace.add_argument("--seed", type=int, default=0, help="seed of the statistic match's (nftables: numgen's) RNG (default: 0)")
     trace.add_argument("--json", action="store_true", help="print a JSON object instead of the walk")
+    trace.add_argument("--backend", choices=("legacy", "nft"), default="legacy",
+                       help="iptables: the kernel backend that walks the rules: legacy (ip_tables' "
+                            "ipt_do_table) or nft (iptables-nft: the same rules as nf_tables rules "
+                            "walked by nft_do_chain; the steps are nft rules) (default: legacy)")
     _add_scheduler_option(trace)
 
     cluster = sub.add_parser("cluster", help="write a synthetic cluster as Kubernetes manifests",
@@ -151,7 +199,98 @@ def build_parser() -> argparse.ArgumentParser:
                          help="service types: a realistic mix, or ClusterIP only (default: %(default)s)")
     cluster.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
     cluster.add_argument("--output", "-o", metavar="FILE", required=True, help="the YAML file to write")
+
+    report = sub.add_parser("report", help="turn results.jsonl into an HTML page, PNGs and Markdown",
+                            description="Write DIR/index.html (one self-contained page: summary, "
+                                        "then a section per question, images embedded), every "
+                                        "figure as DIR/*.png, and DIR/summary.md (the headline "
+                                        "table in Markdown). Sections whose data is not in the "
+                                        "results say so; modes that did not run are named.")
+    report.add_argument("--results", metavar="FILE", default="reports/results.jsonl",
+                        help="the results of `kpbench bench` (default: %(default)s)")
+    report.add_argument("--out", metavar="DIR", default="reports", help="output folder (default: %(default)s)")
+    _add_gate_parser(sub)
+    _add_kernel_parser(sub)
     return parser
+
+
+def _add_gate_parser(sub) -> None:
+    gate = sub.add_parser(
+        "gate", help="fail a change that makes a mode slower or bigger (what `make gate` runs)",
+        description="Compare this tree with a recorded baseline, tier by tier: 1 deterministic work "
+                    "counters, rule counts and modelled memory (exact for counts, 1% for bytes); "
+                    "4 the log-log slope of first-packet work against services (iptables 1, "
+                    "nftables 0, ipvs as its 256 hash chains imply); 2 instructions inside each "
+                    "kernel's batch method under valgrind's callgrind (+2%; skipped, saying so, "
+                    "without valgrind); 3 with --base, CPU time of base against head run "
+                    "interleaved, failing only on a large, significant, confirmed slowdown; 5 "
+                    "wall-clock, advisory. Writes OUT/gate.md and OUT/gate.json. When the "
+                    "baseline's fingerprint differs from this machine's, only tiers 1 and 4 are "
+                    "enforced. Exit 0 pass, 1 confirmed regression, 2 could not measure or compare.")
+    gate.add_argument("--baseline", metavar="DIR", default="reports/baseline",
+                      help="the committed baseline (default: %(default)s)")
+    gate.add_argument("--base", metavar="GIT_REF",
+                      help="tier 3: build this commit in a temporary tree and venv and run it "
+                           "against the working tree")
+    gate.add_argument("--tiers", default="1,4,2,3,5", metavar="LIST",
+                      help="tiers to run, e.g. 1,2,4 for the deterministic ones (default: %(default)s)")
+    gate.add_argument("--factor", type=float, default=1.25,
+                      help="tier 3: median CPU-time ratio a slowdown must exceed (default: %(default)s)")
+    gate.add_argument("--rounds", type=int, default=15,
+                      help="tiers 3 and 5: samples per side and kernel (default: %(default)s)")
+    gate.add_argument("--out", metavar="DIR", default="reports", help="output folder (default: %(default)s)")
+    gate.add_argument("--benchmark-json", nargs="+", default=[], metavar="FILE",
+                      help="pytest-benchmark JSON (`pytest tests/test_benchmarks.py --benchmark-only "
+                           "--benchmark-json FILE`): its medians join tier 5; two files (base, then "
+                           "head) are compared. Advisory")
+    gate.add_argument("--record", action="store_true",
+                      help="measure every tier and write the baseline into --baseline instead "
+                           "(what `make baseline` runs)")
+    gate.add_argument("--aa", action="store_true",
+                      help="A/A: compare the working tree with itself and write OUT/gate-aa.md and "
+                           "gate-aa.json, the observed noise of every metric (what `make gate-aa` runs)")
+
+
+def _add_kernel_parser(sub) -> None:
+    kernel = sub.add_parser(
+        "kernel", help="load the rulesets into the real Linux kernel and compare with the models (root)",
+        description="In network namespaces of its own (kpb-<pid>-client → node → pods, removed on "
+                    "exit, error and Ctrl-C; stale ones from a crashed run removed at start), load "
+                    "each mode's ruleset with the real tools (iptables-legacy-restore, "
+                    "iptables-nft-restore, nft -f) and measure: TCP connect time to services at the "
+                    "first, middle, last and random positions minus the same with no rules loaded, "
+                    "round trips on an open connection, the full restore and the partial update "
+                    "after one endpoint change; then compare the kernel's per-rule packet counters "
+                    "with the model's after a known set of connections (they must agree exactly). "
+                    "Each tool has its own model: iptables-legacy the legacy iptables data path, "
+                    "iptables-nft the same rules on the nf_tables backend model, nftables the "
+                    "nftables one. "
+                    "Clusters have one endpoint per service. Records (source \"kernel\") are "
+                    "appended to OUT/results.jsonl; a model-vs-kernel table is printed at the end. "
+                    "The host namespace's rules are never read or changed. Exit 0 all agree, 1 a "
+                    "counter disagreed, 2 bad parameters, no root or nothing can run.")
+    kernel.add_argument("--modes", nargs="+", metavar="MODE",
+                        help="iptables (both iptables-legacy and iptables-nft), nftables, ipvs "
+                             "(detected; skipped when the kernel lacks IPVS) (default: all)")
+    kernel.add_argument("--services", type=int, nargs="+", metavar="S",
+                        help="services counts (default: 100 1000 5000 20000; --quick: 10 100)")
+    kernel.add_argument("--connections", type=int, default=200, metavar="N",
+                        help="timed connections per position and point (default: %(default)s)")
+    kernel.add_argument("--rounds", type=int, default=200, metavar="N",
+                        help="round trips on the open connection (default: %(default)s)")
+    kernel.add_argument("--validation", type=int, default=64, metavar="N",
+                        help="connections to distinct services for the counter comparison "
+                             "(default: %(default)s)")
+    kernel.add_argument("--nodes", type=int, default=10, metavar="N", help="cluster nodes (default: %(default)s)")
+    kernel.add_argument("--load-timeout", type=float, default=60, metavar="SECONDS",
+                        help="give up a tool's larger points once loading its rules takes longer "
+                             "(iptables-nft-restore is superlinear: 20,000 services take over 10 "
+                             "minutes) (default: %(default)s)")
+    kernel.add_argument("--seed", type=int, default=0, help="seed for every random choice (default: 0)")
+    kernel.add_argument("--quick", action="store_true",
+                        help="a smoke run: services 10 and 100, 20 connections per position")
+    kernel.add_argument("--out", metavar="DIR", default="reports", help="output folder (default: %(default)s)")
+    kernel.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def write_atomically(path: str, text: str) -> None:
@@ -173,6 +312,14 @@ def main(argv: list[str] | None = None) -> int:
     from bench import commands  # imported late: --help stays fast
 
     try:
+        if args.command == "gate":
+            from bench.gate import command as gate_command
+
+            return gate_command(args)
+        if args.command == "kernel":
+            from bench.realkernel.command import cmd_kernel
+
+            return cmd_kernel(args)
         return commands.run(args)
     except InputError as exc:
         print(f"kpbench: error: {exc}", file=sys.stderr)

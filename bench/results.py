@@ -1,6 +1,7 @@
 """Results: one JSON record per measured row, appended and flushed as soon as it exists.
 
-``results.jsonl`` is the source of truth; ``results.csv`` is exported from it with pandas.
+``results.jsonl`` is the source of truth; ``results.csv`` (and ``results.parquet`` where
+pyarrow is installed) are exported from it with pandas.
 Every record carries the format version, the machine, the versions and the git commit, so a
 file can be read back without the run that wrote it.
 """
@@ -37,6 +38,9 @@ def environment() -> dict:
         "cpu": _cpu_model(),
         "cpus": os.cpu_count(),
         "git_commit": _git_commit(),
+        "hostname": platform.node(),
+        "os": f"{platform.system()} {platform.release()}",
+        "memory_bytes": _memory_total(),
     }
 
 
@@ -48,6 +52,16 @@ def _cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown"
+
+
+def _memory_total() -> int:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
 
 
 def _git_commit() -> str:
@@ -67,12 +81,35 @@ class ResultsWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
 
     def append(self, record: dict) -> dict:
-        full = {"format": FORMAT_VERSION, **record, "env": environment()}
+        return self.append_all([record])[0]
+
+    def append_all(self, records: list[dict]) -> list[dict]:
+        """Append records in one write and flush them to disk: a point's records land together."""
+        full = [{"format": FORMAT_VERSION, **record, "env": environment()} for record in records]
+        text = "".join(json.dumps(r, sort_keys=True, default=_jsonable) + "\n" for r in full)
         with self.path.open("a") as fh:
-            fh.write(json.dumps(full, sort_keys=True, default=_jsonable) + "\n")
+            fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
         return full
+
+
+def drop_torn_tail(path: Path) -> int:
+    """Cut a last line left without its newline by a run killed mid-write; bytes removed."""
+    path = Path(path)
+    if not path.exists():
+        return 0
+    with path.open("rb+") as fh:
+        size = fh.seek(0, os.SEEK_END)
+        if size == 0:
+            return 0
+        fh.seek(max(size - 1, 0))
+        if fh.read(1) == b"\n":
+            return 0
+        fh.seek(0)
+        keep = fh.read().rfind(b"\n") + 1
+        fh.truncate(keep)
+        return size - keep
 
 
 def _jsonable(value):
@@ -86,8 +123,28 @@ def read_jsonl(path: Path) -> list[dict]:
         return [json.loads(line) for line in fh if line.strip()]
 
 
+def results_frame(records: list[dict]) -> pd.DataFrame:
+    """The records as one flat frame: nested fields become dotted columns (env.git_commit)."""
+    return pd.json_normalize(records, sep=".")
+
+
 def export_csv(jsonl: Path, csv: Path) -> pd.DataFrame:
     """Flatten the JSONL records (env fields become env.* columns) into a CSV."""
-    frame = pd.json_normalize(read_jsonl(jsonl), sep=".")
+    frame = results_frame(read_jsonl(jsonl))
     frame.to_csv(csv, index=False)
     return frame
+
+
+def export_tables(jsonl: Path, out: Path) -> tuple[pd.DataFrame, list[Path]]:
+    """results.csv, and results.parquet when pyarrow is importable; the frame and the paths."""
+    out = Path(out)
+    frame = export_csv(jsonl, out / "results.csv")
+    written = [out / "results.csv"]
+    try:
+        import pyarrow  # noqa: F401  (optional: Parquet only where it is installed)
+    except ImportError:
+        return frame, written
+    # Columns that mix types across modes (dicts of counts, strings and numbers) go as text.
+    mixed = [c for c in frame.columns if frame[c].map(type).nunique() > 1 and frame[c].dtype == object]
+    frame.astype({c: str for c in mixed}).to_parquet(out / "results.parquet", index=False)
+    return frame, written + [out / "results.parquet"]

@@ -2,8 +2,9 @@
 
 Three kinds, the ones a user pays for: the first packet of a connection to a service (a
 service port picked uniformly at random, so its rule sits at a uniformly random position in
-KUBE-SERVICES), the first packet of a connection that is not to a service (pod to pod: it
-scans all of KUBE-SERVICES), and packets of established connections.
+KUBE-SERVICES; or the first, middle or last service port of the order the mode writes them
+in), the first packet of a connection that is not to a service (pod to pod: it scans all of
+KUBE-SERVICES), and packets of established connections.
 """
 from __future__ import annotations
 
@@ -36,13 +37,22 @@ def _packets(n: int, src: np.ndarray, dst: np.ndarray, dport: np.ndarray, proto:
     return packets
 
 
+POSITIONS = ("first", "middle", "last")
+
+
 def service_connections(cluster: Cluster, infos: list[ServicePortInfo], n: int,
-                        seed: int) -> np.ndarray:
-    """First packets from random pods to random service ports' cluster IPs."""
+                        seed: int, position: str | None = None) -> np.ndarray:
+    """First packets from random pods to random service ports' cluster IPs.
+
+    ``position`` ("first", "middle", "last"): every packet goes to that one service port of
+    ``infos``, in the order given (the order the mode writes its rules in)."""
     rng = np.random.default_rng(seed)
     targets = [i for i in infos if i.cluster_policy_endpoints]
     if not targets:
         raise ValueError("the cluster has no service port with endpoints")
+    if position is not None:
+        index = {"first": 0, "middle": len(targets) // 2, "last": len(targets) - 1}[position]
+        targets = [targets[index]]
     vip = np.array([ip_to_int(i.service.cluster_ip) for i in targets], dtype=np.uint32)
     port = np.array([i.port.port for i in targets], dtype=np.uint16)
     proto = np.array([PROTOCOLS[i.port.protocol] for i in targets], dtype=np.uint8)

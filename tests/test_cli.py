@@ -104,19 +104,50 @@ def test_impossible_bench_parameters(capsys, tmp_path):
 
 
 def test_bench_writes_results_and_resumes(capsys, tmp_path):
-    args = ["bench", "--services", "30", "60", "--endpoints", "2", "--nodes", "3", "--packets", "300",
-            "--out", str(tmp_path), "--no-benchmarks", "--quiet"]
+    args = ["bench", "--modes", "iptables", "ipvs", "nftables", "--services", "30", "60", "--endpoints", "2",
+            "--nodes", "3", "--packets", "300", "--out", str(tmp_path), "--no-benchmarks", "--quiet"]
     status, out, _ = run(capsys, *args)
     assert status == 0
     records = read_jsonl(tmp_path / "results.jsonl")
-    assert len(records) == 3 * 2 * 3  # three modes, two points each, three workloads each
-    assert {r["mode"] for r in records} == {"iptables", "ipvs", "nftables"}
-    assert {r["workload"] for r in records} == {"service_new", "nonservice_new", "established"}
-    assert (tmp_path / "results.csv").exists() and (tmp_path / "first_packet_latency.png").exists()
-    assert "services" in out
+    points = [r for r in records if r["kind"] == "point"]
+    assert {r["mode"] for r in points} == {"iptables", "ipvs", "nftables"}
+    assert len({r["point_id"] for r in points}) == 3 * 2  # three modes, two sizes
+    assert {"service_new", "nonservice_new", "established"} <= {r["workload"] for r in points}
+    # iptables and ipvs also send new connections to the first, middle and last service.
+    assert {r["workload"] for r in points if r["mode"] == "iptables"} >= {
+        "service_new_first", "service_new_middle", "service_new_last"}
+    for record in points:
+        assert record["sync_full_proxy_rules_duration_seconds"] > 0
+        assert record["sync_partial_proxy_rules_duration_seconds"] > 0
+        assert record["peak_rss_bytes"] > 0 and record["env"]["git_commit"]
+    assert any(r["kind"] == "netprog" for r in records)
+    assert (tmp_path / "results.csv").exists() and (tmp_path / "index.html").exists()
+    assert "services" in out and "headline" in out
     # A rerun finds every point done and appends nothing.
     assert run(capsys, *args)[0] == 0
-    assert len(read_jsonl(tmp_path / "results.jsonl")) == 18
+    assert len(read_jsonl(tmp_path / "results.jsonl")) == len(records)
+
+
+def test_unwritable_output_folder_is_one_line(capsys, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    status, _, err = run(capsys, "bench", "--services", "30", "--out", str(blocker / "sub"), "--quiet")
+    assert_one_line_error(status, err, "--out", "sub")
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["--endpoints", "-3"], "--endpoints"),
+    (["--nodes", "0"], "--nodes"),
+    (["--cpus", "0"], "--cpus"),
+    (["--packets", "0"], "--packets"),
+    (["--variants", "iptables:colour=blue"], "--variants"),
+    (["--variants", "ipvs:scheduler=fastest"], "--variants"),
+    (["--variants", "comments=off"], "--variants"),
+])
+def test_bad_bench_parameters_are_one_line(capsys, tmp_path, argv, fragment):
+    status, _, err = run(capsys, "bench", "--services", "30", *argv, "--out", str(tmp_path), "--quiet")
+    assert_one_line_error(status, err, fragment)
+    assert not (tmp_path / "results.jsonl").exists()
 
 
 def test_unknown_mode_is_refused(capsys, tmp_path):

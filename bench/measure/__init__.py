@@ -6,6 +6,8 @@ the mode's rules, send new connections to services, new connections that are not
 service, and established packets, and return one record per workload. ``MEASURE`` maps each
 mode to it; the sweep (bench/sweep.py) runs them.
 """
-from bench.measure import iptables, ipvs, nftables
+from bench.measure import ebpf, iptables, ipvs, nftables, userspace
 
-MEASURE = {"iptables": iptables.measure, "ipvs": ipvs.measure, "nftables": nftables.measure}
+MEASURE = {"iptables": iptables.measure, "ipvs": ipvs.measure, "nftables": nftables.measure,
+           "userspace": userspace.measure,
+           "ebpf": ebpf.measure}  # a Cilium-like reference model, not a kube-proxy mode

@@ -1,12 +1,18 @@
-"""iptables mode's data path (:class:`IptablesDatapath`) and its sweep point. the path is the kernel's (kernel-internals §4.3). A packet first meets conntrack. On a miss
+"""iptables mode's data path (:class:`IptablesDatapath`) and its sweep point.
+
+The path is the kernel's (kernel-internals §4.3). A packet first meets conntrack. On a miss
 (the first packet of a connection) the nat table runs at PREROUTING, the DNAT is applied, the
 filter table runs at INPUT or FORWARD, the nat table runs again at POSTROUTING, and conntrack
 confirms the connection (two tuple entries). On a hit, NAT is applied from conntrack with no
 rule walk and only the filter table runs. Each stage is a nogil batch call that adds its own
 time per packet into one ``ns`` array, less the timer's own overhead.
+
+A point also times the control plane (:func:`control_plane`: full sync, partial sync after
+one endpoint change, one service added) and honours the variant ``comments=off``.
 """
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import asdict
 
@@ -16,10 +22,12 @@ import kernels
 from bench.cluster.generate import generate
 from bench.cluster.model import service_ports
 from bench.costs import iptables as iptables_costs
+from bench.costs.nftables import added_service, moved_endpoint
 from bench.loaders.iptables import Ruleset, load
-from bench.measure.path import PathResult, apply_nat, confirm, conntrack_lookup, is_local, path_record
+from bench.measure.path import (PathResult, apply_nat, confirm, conntrack_lookup, is_local, path_record,
+                                position_results)
 from bench.netaddr import ip_to_int
-from bench.proxies.iptables import WriterOptions, rule_counts, write_full
+from bench.proxies.iptables import WriterOptions, ordered_ports, rule_counts, write_full, write_partial
 from bench.workload import established, pod_connections, service_connections
 from kernels import layout as L
 
@@ -95,21 +103,83 @@ class IptablesDatapath:
                           compares)
 
 
+COMMENT = re.compile(r' -m comment --comment (?:"[^"]*"|\S+)')
+
+
+def without_comments(payload: str) -> str:
+    """The payload with every ``-m comment`` match removed (the variant ``comments=off``)."""
+    return COMMENT.sub("", payload)
+
+
+def timed_sync(write, comments: bool, base: Ruleset | None = None) -> tuple[Ruleset, dict]:
+    """Write a payload and load it (onto ``base`` with --noflush); the ruleset after it, and
+    the sync's seconds: writing, loading, and the kernel's modelled table replacement."""
+    started = time.perf_counter()
+    text = write()
+    if not comments:
+        text = without_comments(text)
+    written = time.perf_counter()
+    ruleset = load(text, source="iptables sync", base=base, noflush=base is not None)
+    loaded = time.perf_counter()
+    kernel = iptables_costs.replace_seconds(ruleset.tables, text)
+    return ruleset, {"write_seconds": written - started, "load_seconds": loaded - written,
+                     "kernel_seconds": kernel, "duration_seconds": loaded - started + kernel,
+                     "operations": sum(rule_counts(text).values()),
+                     "kernel_entries": iptables_costs.replace_entries(ruleset.tables, text),
+                     "text": text}
+
+
+# Above this many services the add-service sync is not timed: the model's partial writer
+# renders the whole previous state each time, which doubles a large point's time, and in
+# iptables mode it costs what the endpoint change costs (the kernel replaces the whole table).
+ADD_SERVICE_MAX_SERVICES = 5000
+# kube-proxy's metric name for each sync the model times, and the change it follows.
+SYNC_METRICS = (("sync_full_proxy_rules", None), ("sync_partial_proxy_rules", moved_endpoint),
+                ("sync_add_service", added_service))
+
+
+def control_plane(cluster, options: WriterOptions, comments: bool) -> tuple[Ruleset, str, dict]:
+    """A full sync, then the partial syncs after one endpoint change and one service added.
+
+    Each sync's record: ``<metric>_duration_seconds`` (write + load + the kernel's modelled
+    replacement), its parts, ``<metric>_operations`` (rules in the payload) and
+    ``<metric>_kernel_entries`` (entries the kernel checks). The model keeps no state between
+    syncs, so its partial writer renders the previous state again before the changed chains;
+    a partial sync's write time is counted less the full sync's render (an estimate). The
+    kernel replaces the whole table either way."""
+    ruleset, full = timed_sync(lambda: write_full(cluster, options), comments)
+    record = {"sync_proxy_rules_write_seconds": full["write_seconds"],
+              "sync_proxy_rules_load_seconds": full["load_seconds"]}
+    for metric, change in SYNC_METRICS:
+        if change is added_service and len(cluster.services) > ADD_SERVICE_MAX_SERVICES:
+            continue
+        if change is None:
+            result = full
+        else:
+            changed = change(cluster)
+            result = timed_sync(lambda: write_partial(cluster, changed, options), comments, base=ruleset)[1]
+            # Less the writer's render of the previous state, which kube-proxy keeps instead.
+            result["write_seconds"] = max(result["write_seconds"] - full["write_seconds"], 0.0)
+            result["duration_seconds"] = result["write_seconds"] + result["load_seconds"] + result["kernel_seconds"]
+        for part in ("duration_seconds", "write_seconds", "load_seconds", "kernel_seconds",
+                     "operations", "kernel_entries"):
+            record[f"{metric}_{part}"] = result[part]
+    return ruleset, full["text"], record
+
+
 def measure(point) -> list[dict]:
     cluster = generate(point.services, point.endpoints, point.nodes, seed=point.seed, mix=point.mix)
     infos = service_ports(cluster)
-    started = time.perf_counter()
-    text = write_full(cluster, WriterOptions(include_jump_rules=True, service_order_seed=point.seed))
-    write_seconds = time.perf_counter() - started
-    started = time.perf_counter()
-    ruleset = load(text, source=f"iptables rules for {point.services} services")
-    load_seconds = time.perf_counter() - started
+    options = WriterOptions(include_jump_rules=True, service_order_seed=point.seed)
+    ruleset, text, sync = control_plane(cluster, options, comments=point.settings.get("comments") != "off")
     datapath = IptablesDatapath(ruleset, cluster.config.node_ips, seed=point.seed)
 
     to_service = service_connections(cluster, infos, point.packets, seed=point.seed)
     first = datapath.process(to_service)
     to_pods = datapath.process(pod_connections(cluster, point.packets, seed=point.seed + 1))
     later = datapath.process(established(to_service), established(first.after_nat))
+    # KUBE-SERVICES holds the service ports in the order the writer shuffled them into.
+    positions = position_results(datapath, cluster, ordered_ports(infos, point.seed), point.packets, point.seed)
 
     common = {
         "kind": "point", "point_id": point.point_id, **asdict(point),
@@ -119,9 +189,8 @@ def measure(point) -> list[dict]:
         "model_bytes": sum(t.blob.nbytes for t in ruleset.tables.values())
                        + datapath.nat.counters.nbytes + datapath.filter.counters.nbytes
                        + datapath.conntrack.model_bytes(),
-        "sync_proxy_rules_write_seconds": write_seconds,
-        "sync_proxy_rules_load_seconds": load_seconds,
         "sync_entries": iptables_costs.sync_entries(ruleset.tables),
+        **sync,
     }
-    return [{**common, "workload": name, **path_record(result)}
-            for name, result in (("service_new", first), ("nonservice_new", to_pods), ("established", later))]
+    workloads = [("service_new", first), *positions, ("nonservice_new", to_pods), ("established", later)]
+    return [{**common, "workload": name, **path_record(result)} for name, result in workloads]

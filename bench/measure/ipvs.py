@@ -23,7 +23,8 @@ from bench.costs import ipvs as ipvs_costs
 from bench.loaders import ipvs as ipvs_loader
 from bench.loaders.ipvs import IpvsRuleset, kernel_arrays
 from bench.measure.iptables import IptablesDatapath
-from bench.measure.path import PathResult, confirm, conntrack_lookup, nat_result, path_record
+from bench.costs import iptables as iptables_costs
+from bench.measure.path import PathResult, confirm, conntrack_lookup, nat_result, path_record, position_results
 from bench.netaddr import int_to_ip
 from bench.proxies import ipvs as ipvs_writer
 from bench.workload import EPHEMERAL_LOW, established, pod_connections, service_connections
@@ -136,6 +137,9 @@ def _as_dnat(ipvs: np.ndarray) -> np.ndarray:
 
 def measure(point) -> list[dict]:
     cluster = generate(point.services, point.endpoints, point.nodes, seed=point.seed, mix=point.mix)
+    scheduler = point.settings.get("scheduler")
+    if scheduler:
+        cluster.config.ipvs_scheduler = scheduler
     started = time.perf_counter()
     text = ipvs_writer.write(cluster, ipvs_writer.IpvsWriterOptions(include_jump_rules=True))
     write_seconds = time.perf_counter() - started
@@ -144,13 +148,17 @@ def measure(point) -> list[dict]:
     load_seconds = time.perf_counter() - started
     datapath = IpvsDatapath(ruleset, cluster.config.node_ips, seed=point.seed)
 
-    to_service = service_connections(cluster, service_ports(cluster), point.packets, seed=point.seed)
+    infos = service_ports(cluster)
+    to_service = service_connections(cluster, infos, point.packets, seed=point.seed)
     first = datapath.process(to_service)
     to_pods = datapath.process(pod_connections(cluster, point.packets, seed=point.seed + 1))
     later = datapath.process(established(to_service))
+    # The service table is a hash: the writer's order does not matter, but users ask.
+    positions = position_results(datapath, cluster, infos, point.packets, point.seed)
 
     memory = ipvs_costs.kernel_bytes(ruleset, datapath.ipvs, point.cpus)
     sync = ipvs_costs.sync_operations(ruleset)
+    updates = ipvs_costs.measure_updates(ruleset, seed=point.seed)
     common = {
         "kind": "point", "point_id": point.point_id, **asdict(point),
         "rules": {**sync, **ruleset.iptables.rule_counts()},
@@ -161,11 +169,38 @@ def measure(point) -> list[dict]:
         "sync_proxy_rules_write_seconds": write_seconds,
         "sync_proxy_rules_load_seconds": load_seconds,
         "sync_entries": sum(sync.values()),  # everything a sync lists, diffs or restores
-        **ipvs_costs.measure_updates(ruleset, seed=point.seed),
+        **updates,
+        **control_plane(ruleset, sync, updates, write_seconds + load_seconds),
     }
+    workloads = [("service_new", first), *positions, ("nonservice_new", to_pods), ("established", later)]
     return [{**common, "workload": name, **path_record(result),
              **{f"{counter}_mean": float(result.ipvs[counter].mean()) for counter in L.IPVS_WORK_COUNTERS}}
-            for name, result in (("service_new", first), ("nonservice_new", to_pods), ("established", later))]
+            for name, result in workloads]
+
+
+def control_plane(ruleset: IpvsRuleset, listed: dict, updates: dict, full_text_seconds: float) -> dict:
+    """kube-proxy's sync metrics from bench/costs/ipvs.py's measurements.
+
+    IPVS mode has no partial sync: every sync lists and diffs every virtual server, real
+    server and ipset entry, and restores its (small) iptables tables; a change adds its own
+    netlink operations (an endpoint change: remove and add a real server; a new service: the
+    service and its real servers). The full sync also writes and loads everything.
+    ``<metric>_operations`` counts objects listed plus objects changed."""
+    restore = iptables_costs.replace_seconds(ruleset.iptables.tables, "\n".join(
+        f"*{name}" for name in ruleset.iptables.tables))
+    every_sync = updates["full_sync_seconds"] + restore
+    listed_total = sum(listed.values())
+    added_objects = 1 + max(listed["real_servers_listed"] // max(listed["virtual_servers_listed"], 1), 0)
+    return {
+        "sync_full_proxy_rules_duration_seconds": full_text_seconds + every_sync,
+        "sync_full_proxy_rules_operations": listed_total,
+        "sync_partial_proxy_rules_duration_seconds": every_sync + updates["endpoint_change_seconds"],
+        "sync_partial_proxy_rules_operations": listed_total + 2,
+        "sync_partial_proxy_rules_sched_ops": updates["endpoint_change_sched_ops"],
+        "sync_add_service_duration_seconds": every_sync + updates["service_add_seconds"],
+        "sync_add_service_operations": listed_total + added_objects,
+        "sync_add_service_sched_ops": updates["service_add_sched_ops"],
+    }
 
 
 def connection_scaling(connections: list[int], services: int = 1000, packets: int = 20000,

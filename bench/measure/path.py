@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from bench.workload import POSITIONS, service_connections
 from kernels import layout as L
 
 LOOPBACK_NET, LOOPBACK_MASK = 0x7F000000, 0xFF000000
@@ -73,9 +74,23 @@ def nat_result(verdict: np.ndarray, dnat_ip: np.ndarray, dnat_port: np.ndarray) 
 
 
 def path_record(result) -> dict:
-    """What every mode records of one workload's PathResult."""
-    return {**latency_summary(result.ns),
+    """What every mode records of one workload's PathResult; throughput is one core's,
+    packets per second at the mean latency."""
+    summary = latency_summary(result.ns)
+    return {**summary, "pps_per_core": 1e9 / max(summary["ns_mean"], 1.0),
             "entries_visited_mean": float(result.entries_visited.mean()),
             "nat_entries_visited_mean": float(result.nat_entries_visited.mean()),
             "conntrack_hit_fraction": float(result.conntrack_hit.mean()),
             "conntrack_compares_mean": float(result.conntrack_compares.mean())}
+
+
+def position_results(datapath, cluster, ordered_infos, packets: int, seed: int) -> list[tuple[str, PathResult]]:
+    """New connections to the first, middle and last service port of ``ordered_infos`` (the
+    order the mode writes its rules in), as workloads service_new_first/_middle/_last.
+
+    One service port's packets all take the same rule path, so a quarter of the point's
+    packets give a stable p99."""
+    count = max(packets // 4, 100)
+    return [(f"service_new_{position}",
+             datapath.process(service_connections(cluster, ordered_infos, count, seed + 10 + i, position)))
+            for i, position in enumerate(POSITIONS)]
