@@ -10,6 +10,8 @@ after the chain's head, as libiptc computes it.
 from __future__ import annotations
 
 import struct
+from bisect import bisect_right
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -53,12 +55,68 @@ class Chain:
     rules: list[Rule] = field(default_factory=list)
 
 
-class EntryInfo(NamedTuple):  # a tuple: a large ruleset has a million of them
+class EntryInfo(NamedTuple):
     offset: int
     chain: str
     kind: str  # "rule", "policy", "head", "tail", "end"
     rule_number: int  # 1-based within the chain for rules, 0 otherwise
     text: str
+
+
+class TableEntries(Sequence):
+    """A table's entries in blob order (index = counter row), each an :class:`EntryInfo` made
+    when it is read. A large table has a million entries and only traces and counter reports
+    look at them, so the build keeps just their offsets and a snapshot of the chains."""
+
+    def __init__(self, offsets: list[int], chains: list[Chain]):
+        self.offsets = np.array(offsets, dtype=np.int64)
+        # Snapshot the rule lists: the builder's chains may be edited after the build.
+        self._chains = [(c.name, c.builtin, c.policy, tuple(c.rules)) for c in chains]
+        self._firsts: list[int] = []  # index of each chain's first entry (a user chain's head)
+        count = 0
+        for _name, builtin, _policy, rules in self._chains:
+            self._firsts.append(count)
+            count += len(rules) + (1 if builtin else 2)  # + the policy, or the head and tail
+        if count + 1 != len(self.offsets):  # + the closing ERROR entry
+            raise ValueError(f"{len(self.offsets)} offsets for {count + 1} entries")
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError("entry index out of range")
+        offset = int(self.offsets[index])
+        if index == len(self) - 1:
+            return EntryInfo(offset, "", "end", 0, "(end of table)")
+        position = bisect_right(self._firsts, index) - 1
+        name, builtin, policy, rules = self._chains[position]
+        number = index - self._firsts[position] + builtin  # 0: a user chain's head
+        return EntryInfo(offset, *_describe(name, builtin, policy, rules, number))
+
+    def __iter__(self):
+        offsets = iter(self.offsets.tolist())
+        for name, builtin, policy, rules in self._chains:
+            first = 1 if builtin else 0
+            for number in range(first, len(rules) + 2):
+                yield EntryInfo(next(offsets), *_describe(name, builtin, policy, rules, number))
+        yield EntryInfo(next(offsets), "", "end", 0, "(end of table)")
+
+
+def _describe(name: str, builtin: bool, policy: str, rules: tuple, number: int) -> tuple:
+    """(chain, kind, rule number, text) of a chain's entry ``number``: 0 is a user chain's
+    head, 1..n its rules, n + 1 the policy of a built-in chain or the tail of a user chain."""
+    if 0 < number <= len(rules):
+        return name, "rule", number, rules[number - 1].text
+    if number == 0:
+        return name, "head", 0, f":{name}"
+    if builtin:
+        return name, "policy", 0, f"(policy {policy})"
+    return name, "tail", 0, "(end of chain: RETURN)"
 
 
 @dataclass
@@ -68,7 +126,7 @@ class CompiledTable:
     hook_entry: np.ndarray  # int32[5]; -1 when the table has no such hook
     underflow: np.ndarray  # int32[5]
     stacksize: int  # number of user chains
-    entries: list[EntryInfo]  # one per entry, in blob order; index = counter row
+    entries: Sequence[EntryInfo]  # one per entry, in blob order; index = counter row
     chain_start: dict[str, int]  # chain name -> offset of its first rule (or tail / policy)
     recent_names: list[str]  # -m recent table ids
     nfacct_names: list[str]  # -m nfacct object ids
@@ -156,7 +214,7 @@ class TableBuilder:
         """Lay the chains out in one pass; jumps to chains further on are patched at the end."""
         chains = self._ordered()
         buf = bytearray()
-        entries: list[EntryInfo] = []
+        offsets: list[int] = []
         starts: dict[str, int] = {}
         forward_jumps: list[tuple[int, str]] = []  # (where the verdict goes, target chain)
         hook_entry = np.full(5, -1, dtype=np.int32)
@@ -164,32 +222,29 @@ class TableBuilder:
         for chain in chains:
             name = chain.name
             if not chain.builtin:
-                entries.append(EntryInfo(len(buf), name, "head", 0, f":{name}"))
-                buf += _ERROR_ENTRY.pack(*_plain_header(len(entries) - 1, _ERROR_ENTRY.size),
-                                         _ERROR_SIZE, L.TARGET_ERROR, name.encode()[:29])
+                offsets.append(len(buf))
+                _append_plain(buf, _HEAD, len(offsets) - 1, _ERROR_NAME, name.encode()[:29])
             starts[name] = len(buf)
-            for number, rule in enumerate(chain.rules, 1):
-                entries.append(EntryInfo(len(buf), name, "rule", number, rule.text))
-                self._append_rule(buf, rule, len(entries) - 1, starts, forward_jumps)
+            for rule in chain.rules:
+                offsets.append(len(buf))
+                self._append_rule(buf, rule, len(offsets) - 1, starts, forward_jumps)
+            offsets.append(len(buf))  # the policy, or the tail
             if chain.builtin:
                 hook = L.HOOK_NAMES.index(name)
                 hook_entry[hook], underflow[hook] = starts[name], len(buf)
-                entries.append(EntryInfo(len(buf), name, "policy", 0, f"(policy {chain.policy})"))
                 verdict = self._policy_verdict(chain.policy)
             else:
-                entries.append(EntryInfo(len(buf), name, "tail", 0, "(end of chain: RETURN)"))
                 verdict = L.XT_RETURN
-            buf += _STANDARD_ENTRY.pack(*_plain_header(len(entries) - 1, _STANDARD_ENTRY.size),
-                                        _STANDARD_SIZE, L.TARGET_STANDARD, verdict)
-        entries.append(EntryInfo(len(buf), "", "end", 0, "(end of table)"))
-        buf += _ERROR_ENTRY.pack(*_plain_header(len(entries) - 1, _ERROR_ENTRY.size), _ERROR_SIZE,
-                                 L.TARGET_ERROR, b"ERROR")
+            _append_plain(buf, _TAIL, len(offsets) - 1, _VERDICT, verdict)
+        offsets.append(len(buf))
+        _append_plain(buf, _HEAD, len(offsets) - 1, _ERROR_NAME, b"ERROR")
         for at, target in forward_jumps:
             _VERDICT.pack_into(buf, at, starts[target])
         user_chains = sum(1 for c in chains if not c.builtin)
         blob = np.frombuffer(buf, dtype=np.uint8)  # a view: no second copy of a 100 MB table
-        return CompiledTable(self.name, blob, hook_entry, underflow, user_chains, entries, starts,
-                             list(self.recent_names), list(self.nfacct_names), list(self.set_names))
+        return CompiledTable(self.name, blob, hook_entry, underflow, user_chains,
+                             TableEntries(offsets, chains), starts, list(self.recent_names),
+                             list(self.nfacct_names), list(self.set_names))
 
     @staticmethod
     def _policy_verdict(policy: str) -> int:
@@ -309,3 +364,19 @@ def _plain_header(index: int, next_offset: int) -> tuple:
     """The header fields of an entry without addresses, interfaces or matches."""
     return (0, 0, 0, 0, _NO_IFACE, _NO_IFACE, _NO_IFACE, _NO_IFACE, 0, 0, 0, 0, L.ENTRY_SIZE,
             next_offset, 0, index, 0)
+
+
+# A chain's head, tail or policy and the table's end match everything: each is a copy of one of
+# these with its row index and its target's data (a verdict, or the ERROR target's name) set.
+_HEAD = _ERROR_ENTRY.pack(*_plain_header(0, _ERROR_ENTRY.size), _ERROR_SIZE, L.TARGET_ERROR, b"")
+_TAIL = _STANDARD_ENTRY.pack(*_plain_header(0, _STANDARD_ENTRY.size), _STANDARD_SIZE, L.TARGET_STANDARD, 0)
+_ROW = struct.Struct("<I")
+_ERROR_NAME = struct.Struct("<29s")
+
+
+def _append_plain(buf: bytearray, template: bytes, index: int, data: struct.Struct, value) -> None:
+    """Append ``template`` with row ``index`` and ``value`` as its target's data."""
+    offset = len(buf)
+    buf += template
+    _ROW.pack_into(buf, offset + L.E_RULE_INDEX, index)
+    data.pack_into(buf, offset + L.ENTRY_SIZE + L.X_DATA, value)

@@ -298,6 +298,31 @@ def test_jumps_point_at_the_first_rule_after_the_head(ruleset):
     assert read(nat, "B", last + L.E_FLAGS) == 0
 
 
+def test_entries_describe_every_entry_in_blob_order(ruleset):
+    """The entries are made when read: by index (also from the end) and by iteration alike,
+    each at the offset where the previous one ends, and later edits of the chains don't show."""
+    nat = ruleset.tables["nat"]
+    listed = list(nat.entries)
+    assert [nat.entries[i] for i in range(nat.n_entries)] == listed == nat.entries[:]
+    assert nat.entries[-1] == listed[-1] == (nat.blob.nbytes - size(nat, listed[-1].offset), "", "end", 0,
+                                             "(end of table)")
+    assert all(after.offset == before.offset + size(nat, before.offset)
+               for before, after in zip(listed, listed[1:]))
+    assert listed[:5] == [(0, "PREROUTING", "policy", 0, "(policy ACCEPT)"),
+                          (152, "INPUT", "policy", 0, "(policy ACCEPT)"),
+                          (304, "OUTPUT", "policy", 0, "(policy ACCEPT)"),
+                          (456, "POSTROUTING", "policy", 0, "(policy ACCEPT)"),
+                          (608, "KUBE-SERVICES", "head", 0, ":KUBE-SERVICES")]
+    sep = [e for e in listed if e.chain == SEP1A]
+    assert [(e.kind, e.rule_number) for e in sep] == [("head", 0), ("rule", 1), ("rule", 2), ("tail", 0)]
+    assert sep[2].text == f"-A {SEP1A} -m comment --comment ns1/svc1:p80 -m tcp -p tcp -j DNAT --to-destination 10.180.0.1:80"
+    fresh = load(KUBE_PROXY_PAYLOAD, "payload.txt")  # the fixture is shared: edit a copy
+    fresh.builders["nat"].chains[SEP1A].rules.clear()
+    assert list(fresh.tables["nat"].entries) == listed
+    with pytest.raises(IndexError):
+        nat.entries[nat.n_entries]
+
+
 def test_chain_tails_return_and_policies_accept(ruleset):
     nat = ruleset.tables["nat"]
     assert verdict(nat, entry_of(nat, SVC1, "tail")) == L.XT_RETURN

@@ -901,18 +901,14 @@ class _RuleParser:
     def _finish(self) -> None:
         """The checks iptables makes once the whole rule is read (the extensions' final_check)."""
         rule = self.rule
-        for module, args in self.loaded:
-            self._final_check(module, args)
-        if self.target is not None:
-            self._final_check(self.target, rule.target_args)
-        if len(rule.matches) > _MATCHES_ALWAYS_FIT and TableBuilder.rule_size(rule) > 0xFFFF:
-            raise InputError("rule is larger than an entry's 16-bit size field allows", field="-m")
-
-    def _final_check(self, extension: _Extension, args: dict) -> None:
-        try:
-            extension.finish(args, self.rule, self.table)
+        extensions = self.loaded if self.target is None else [*self.loaded, (self.target, rule.target_args)]
+        try:  # one try, no call per extension: this runs for every rule
+            for extension, args in extensions:
+                extension.finish(args, rule, self.table)
         except InputError as exc:
             raise InputError(exc.message, field=exc.field or extension.field) from None
+        if len(rule.matches) > _MATCHES_ALWAYS_FIT and TableBuilder.rule_size(rule) > 0xFFFF:
+            raise InputError("rule is larger than an entry's 16-bit size field allows", field="-m")
 
     # -- the options of the IP header and the verdict (iptables' own, not an extension's) --
     def _address(self, value: str) -> tuple[int, int]:
