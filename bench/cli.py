@@ -78,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--profile", choices=("quick", "default", "full"), default="default",
                        help="the grid to sweep, see below (default: %(default)s)")
     bench.add_argument("--modes", nargs="+", metavar="MODE",
-                       help=f"modes to measure, of {', '.join(MODES)} (ebpf: a Cilium-like reference "
+                       help=f"modes to measure, of {', '.join(MODES)} and iptables-nft (iptables "
+                            "mode's rules on the nf_tables backend; ebpf: a Cilium-like reference "
                             "model, not a kube-proxy mode; default: all)")
     bench.add_argument("--services", type=int, nargs="+", metavar="S",
                        help="override the services axis (with --endpoints/--nodes: one grid instead "

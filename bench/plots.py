@@ -31,6 +31,7 @@ class Style(NamedTuple):
 
 MODE_STYLE = {
     "iptables": Style("#1f4e9c", "o", "-", ""),
+    "iptables-nft": Style("#6a9bd8", "P", (0, (5, 2)), "||"),
     "ipvs": Style("#d95f02", "s", "--", "//"),
     "nftables": Style("#1b9e77", "D", "-.", ".."),
     "userspace": Style("#7b3294", "v", ":", "xx"),

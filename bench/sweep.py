@@ -38,6 +38,8 @@ VARIANT_KEYS = {
     "ipvs": {"scheduler": ("rr", "wrr", "lc", "wlc", "sh", "dh", "mh", "sed", "nq")},
 }
 SERVICES_AXIS = [100, 1000, 5000, 10000, 20000]
+# Every mode but iptables-nft, which the default profile sweeps to 5,000 services only.
+KUBE_PROXY_MODES = ["iptables", "ipvs", "nftables", "userspace", "ebpf"]
 PROFILES = {
     "quick": {"packets": 2000, "ipvs_connections": [10_000, 100_000], "blocks": [
         {"services": [100, 1000], "endpoints": [1, 10], "nodes": [10]},
@@ -45,11 +47,18 @@ PROFILES = {
         {"services": [300], "endpoints": [3], "nodes": [10],
          "variants": {"iptables": ["comments=off"], "ipvs": ["scheduler=mh"]}},
     ]},
-    # IPVS also runs at 50,000 services (one endpoint each: the point stays fast) to show the
-    # 256-bucket service table's chains at that size.
-    "default": {"packets": 5000, "ipvs_connections": [10_000, 100_000, 1_000_000], "blocks": [
-        {"services": SERVICES_AXIS, "endpoints": [1, 10], "nodes": [100]},
-        {"services": [50000], "endpoints": [1], "nodes": [100], "modes": ["ipvs"]},
+    # Sized for a few minutes on 2 cores. E=10 runs the whole services axis, E=1 stops at 5,000;
+    # iptables-nft (the slowest to walk and translate) stops at 5,000 services. IPVS and
+    # nftables also run at 50,000 services with one endpoint each (their first packet does not
+    # scan the services, so those points stay quick): IPVS shows its 256-bucket table's chains,
+    # nftables its flat rule count. nftables also runs 250 endpoints per service.
+    "default": {"packets": 5000, "ipvs_connections": [10_000, 100_000, 1_000_000],
+                "axes": {"services": SERVICES_AXIS, "endpoints": [1, 10], "nodes": [100]}, "blocks": [
+        {"services": SERVICES_AXIS, "endpoints": [10], "nodes": [100], "modes": KUBE_PROXY_MODES},
+        {"services": [100, 1000, 5000], "endpoints": [1], "nodes": [100], "modes": KUBE_PROXY_MODES},
+        {"services": [100, 1000, 5000], "endpoints": [1, 10], "nodes": [100], "modes": ["iptables-nft"]},
+        {"services": [50000], "endpoints": [1], "nodes": [100], "modes": ["ipvs", "nftables"]},
+        {"services": [100], "endpoints": [250], "nodes": [100], "modes": ["nftables"]},
         {"services": [1000], "endpoints": [3, 30], "nodes": [100]},
         {"services": [1000], "endpoints": [10], "nodes": [1000, 5000]},
         {"services": [1000], "endpoints": [10], "nodes": [100],
@@ -130,7 +139,7 @@ def profile_points(profile: str, modes, seed: int, cpus: int = MODELLED_CPUS, se
     ``modes`` limits it to those modes).
 
     Any of ``services``/``endpoints``/``nodes`` replaces the profile's blocks with one block
-    built from the first block and the overrides; ``variants`` (mode → variants) adds variant
+    built from the profile's ``axes`` (else its first block) and the overrides; ``variants`` (mode → variants) adds variant
     points on that grid."""
     spec = PROFILES[profile]
     packets = spec["packets"] if packets is None else packets
@@ -141,7 +150,7 @@ def profile_points(profile: str, modes, seed: int, cpus: int = MODELLED_CPUS, se
                 raise InputError(f"must be a positive number, got {value}", "command line", name)
     blocks = spec["blocks"]
     if services or endpoints or nodes:
-        first = blocks[0]
+        first = spec.get("axes", blocks[0])
         blocks = [{"services": services or first["services"], "endpoints": endpoints or first["endpoints"],
                    "nodes": nodes or first["nodes"]}]
     if variants:

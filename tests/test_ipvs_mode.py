@@ -285,8 +285,9 @@ def test_cli_bench_ipvs_writes_records(capsys, tmp_path):
     status, out, _ = run(capsys, "bench", "--modes", "ipvs", "--services", "30", "--endpoints", "2",
                          "--nodes", "3", "--packets", "200", "--out", str(tmp_path), "--no-benchmarks", "--quiet")
     assert status == 0
-    records = read_jsonl(tmp_path / "results.jsonl")
-    assert {r["workload"] for r in records} == {"service_new", "nonservice_new", "established"}
+    records = [r for r in read_jsonl(tmp_path / "results.jsonl") if r["kind"] == "point"]
+    assert {r["workload"] for r in records} == {"service_new", "service_new_first", "service_new_middle",
+                                                "service_new_last", "nonservice_new", "established"}
     assert all(r["mode"] == "ipvs" and r["kernel_bytes"] > 0 for r in records)
     by_workload = {r["workload"]: r for r in records}
     assert by_workload["service_new"]["svc_compares_mean"] >= 1

@@ -383,7 +383,12 @@ def test_cli_bench_nftables_writes_records(capsys, tmp_path):
     assert status == 0
     records = [r for r in read_jsonl(tmp_path / "results.jsonl") if r["kind"] == "point"]
     by_workload = {r["workload"]: r for r in records}
-    assert set(by_workload) == {"service_new", "nonservice_new", "established"}
+    assert set(by_workload) == {"service_new", "service_new_first", "service_new_middle", "service_new_last",
+                                "nonservice_new", "established"}
+    # The service-ips map has no order: the first and the last service cost about the same rules
+    # (they differ only by their own chains: affinity, endpoints, masquerade).
+    assert abs(by_workload["service_new_first"]["nat_entries_visited_mean"]
+               - by_workload["service_new_last"]["nat_entries_visited_mean"]) < 1
     assert all(r["mode"] == "nftables" and r["kernel_bytes"] > r["model_bytes"] > 0 for r in records)
     assert 6 <= by_workload["service_new"]["nat_entries_visited_mean"] <= 9
     assert by_workload["service_new"]["set_lookups_mean"] > by_workload["established"]["set_lookups_mean"] == 0

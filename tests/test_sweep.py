@@ -43,7 +43,7 @@ def test_profiles_reach_their_sizes():
     default = profile_points("default", MODES, seed=0)
     for mode in MODES:
         mine = [p for p in default if p.mode == mode]
-        assert max(p.services for p in mine) >= 20000
+        assert max(p.services for p in mine) >= (5000 if mode == "iptables-nft" else 20000)
         assert max(p.nodes for p in mine) == 5000
     full = profile_points("full", MODES, seed=0)
     assert max(p.services for p in full) == 100_000

@@ -132,7 +132,7 @@ def timed_sync(write, comments: bool, base: Ruleset | None = None) -> tuple[Rule
 # Above this many services the add-service sync is not timed: the model's partial writer
 # renders the whole previous state each time, which doubles a large point's time, and in
 # iptables mode it costs what the endpoint change costs (the kernel replaces the whole table).
-ADD_SERVICE_MAX_SERVICES = 5000
+ADD_SERVICE_MAX_SERVICES = 1000
 # kube-proxy's metric name for each sync the model times, and the change it follows.
 SYNC_METRICS = (("sync_full_proxy_rules", None), ("sync_partial_proxy_rules", moved_endpoint),
                 ("sync_add_service", added_service))

@@ -36,7 +36,8 @@ from bench.cluster.generate import generate
 from bench.cluster.model import service_ports
 from bench.costs import nftables as nftables_costs
 from bench.loaders.nftables import NftRuleset, kube_proxy_table
-from bench.measure.path import PathResult, apply_nat, confirm, conntrack_lookup, is_local, nat_result, path_record
+from bench.measure.path import (PathResult, apply_nat, confirm, conntrack_lookup, is_local, nat_result, path_record,
+                                position_results)
 from bench.netaddr import ip_to_int
 from bench.proxies import nftables as nftables_writer
 from bench.workload import established, pod_connections, service_connections
@@ -150,6 +151,8 @@ def _measure(point) -> list[dict]:
     first = datapath.process(to_service)
     to_pods = datapath.process(pod_connections(cluster, point.packets, seed=point.seed + 1))
     later = datapath.process(established(to_service), established(first.after_nat))
+    # The service-ips map has no order: first, middle and last cost the same (the flat line).
+    positions = position_results(datapath, cluster, service_ports(cluster), point.packets, point.seed)
 
     common = {"kind": "point", "point_id": point.point_id, **asdict(point), "rules": ruleset.stats(),
               **nftables_costs.memory(datapath), **full_sync}
@@ -159,4 +162,5 @@ def _measure(point) -> list[dict]:
     # nat_entries_visited is the PREROUTING hook, where the service is chosen.
     return [{**common, "workload": name, **path_record(result),
              **{f"{counter}_mean": float(result.total(counter).mean()) for counter in L.NFT_WORK_COUNTERS}}
-            for name, result in (("service_new", first), ("nonservice_new", to_pods), ("established", later))]
+            for name, result in (("service_new", first), *positions, ("nonservice_new", to_pods),
+                                 ("established", later))]
