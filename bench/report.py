@@ -111,9 +111,15 @@ def _reference_modes(frame: pd.DataFrame) -> set[str]:
 
 
 def _reference_endpoints(points: pd.DataFrame) -> int:
-    """The endpoints-per-service value the summary compares at: the largest every mode ran."""
-    common = set.intersection(*(set(g["endpoints"]) for _, g in points.groupby("mode")))
-    return int(max(common or set(points["endpoints"])))
+    """The endpoints-per-service value the summary compares at: the one whose services axis
+    every mode shares most of (then the one most modes ran, then the larger)."""
+    modes = [group for _, group in points.groupby("mode")]
+
+    def coverage(endpoints) -> tuple[int, int, int]:
+        sizes = [set(g.loc[g["endpoints"] == endpoints, "services"]) for g in modes]
+        return len(set.intersection(*sizes)), sum(bool(s) for s in sizes), endpoints
+
+    return int(max(set(points["endpoints"]), key=coverage))
 
 
 def _fmt(value, spec: str = ",.0f") -> str:
