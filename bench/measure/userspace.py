@@ -6,7 +6,8 @@ The legacy proxy's cost has two parts, and every record says which number comes 
   KUBE-PORTALS-CONTAINER, one rule per service port and portal address, linearly) and is
   REDIRECTed to the service's proxy port on the node; a later packet hits conntrack. These
   are the ``rule_walk_ns_*`` fields and the work counters of path_record;
-* the proxy part, measured for real on loopback with bench/relay.py: connection set-up through
+* the proxy part, measured for real on loopback with bench/relay.py, once per run (it does not
+  depend on the cluster): connection set-up through
   the relay against a direct connection (connect, one byte there and back), and the time per
   byte copied (a stream into a sink), at 1, 8 and 32 concurrent connections (fields suffixed
   ``_c8`` …; unsuffixed fields are the single-connection numbers).
@@ -20,6 +21,7 @@ than kube-proxy's were, and the machine's other load shows in them.
 """
 from __future__ import annotations
 
+import functools
 import socket
 import threading
 import time
@@ -117,6 +119,13 @@ def measure_relay(concurrency=RELAY_CONCURRENCY, backends: int = RELAY_BACKENDS,
                     for level in levels]
 
 
+@functools.lru_cache(maxsize=1)
+def relay_levels() -> tuple[RelayLevel, ...]:
+    """The relay measured once per process: what it costs does not depend on the cluster (the
+    rules are the model's part), so a sweep's userspace points share one measurement."""
+    return tuple(measure_relay(RELAY_CONCURRENCY, RELAY_BACKENDS, SETUPS_PER_LEVEL, STREAM_BYTES_PER_LEVEL))
+
+
 def _measure_level(level: int, to_echo, to_sink, echoes, sinks, setups: int, stream_bytes: int) -> RelayLevel:
     per_client = max(setups // level, 1)
     per_stream = max(stream_bytes // level, COPY_BUFFER_BYTES)
@@ -204,7 +213,7 @@ def measure(point) -> list[dict]:
     first = datapath.process(to_service)
     to_pods = datapath.process(pod_connections(cluster, point.packets, seed=point.seed + 1))
     later = datapath.process(established(to_service), established(first.after_nat))
-    levels = measure_relay(RELAY_CONCURRENCY, RELAY_BACKENDS, SETUPS_PER_LEVEL, STREAM_BYTES_PER_LEVEL)
+    levels = relay_levels()
     single = levels[0]
 
     rng = np.random.default_rng(point.seed)
