@@ -219,7 +219,8 @@ def test_preallocated_memory_by_hand():
 
 def test_measure_point_gives_every_field():
     records = ebpf_measure.measure(Point("ebpf", 40, 2, 4, 300, 0))
-    assert [r["workload"] for r in records] == ["service_new", "nonservice_new", "established"]
+    assert [r["workload"] for r in records] == ["service_new", "service_new_first", "service_new_middle",
+                                                "service_new_last", "nonservice_new", "established"]
     for record in records:
         assert record["reference_model"] is True and record["map_full"] is False
         assert record["kernel_bytes"] == sum(record[f"kernel_bytes_{m}"] for m in ("services", "backends", "ct"))
@@ -230,7 +231,9 @@ def test_measure_point_gives_every_field():
                      "sync_partial_proxy_rules_duration_seconds", "sync_add_service_operations",
                      *(f"{c}_mean" for c in L.EBPF_WORK_COUNTERS)):
             assert name in record, name
-    first, pods, later = records
+    first, at_first, _, at_last, pods, later = records
+    # One hash lookup wherever the service is.
+    assert at_first["map_lookups_mean"] == at_last["map_lookups_mean"] == first["map_lookups_mean"]
     assert first["sync_partial_proxy_rules_operations"] == 2
     rules = first["rules"]
     assert first["sync_full_proxy_rules_operations"] == rules["service_map_entries"] + rules["backend_map_entries"]

@@ -244,12 +244,16 @@ def small_relay_measurement(monkeypatch):
     monkeypatch.setattr(measure_userspace, "RELAY_CONCURRENCY", (1, 4))
     monkeypatch.setattr(measure_userspace, "SETUPS_PER_LEVEL", 16)
     monkeypatch.setattr(measure_userspace, "STREAM_BYTES_PER_LEVEL", 2**20)
+    measure_userspace.relay_levels.cache_clear()  # measured once per process: measure these sizes
+    yield
+    measure_userspace.relay_levels.cache_clear()
 
 
 def test_a_point_gives_every_workload_with_its_parts_labelled(small_relay_measurement):
     point = Point("userspace", 30, 2, 4, packets=200, seed=3)
     records = MEASURE["userspace"](point)
-    assert [r["workload"] for r in records] == ["service_new", "nonservice_new", "established"]
+    assert [r["workload"] for r in records] == ["service_new", "service_new_first", "service_new_middle",
+                                                "service_new_last", "nonservice_new", "established"]
     shared = {"ns_p50", "ns_p90", "ns_p99", "ns_mean", "entries_visited_mean",
                                                      "nat_entries_visited_mean", "conntrack_hit_fraction",
                                                      "conntrack_compares_mean", "kernel_bytes", "model_bytes",
@@ -262,7 +266,10 @@ def test_a_point_gives_every_workload_with_its_parts_labelled(small_relay_measur
         assert shared | relay <= record.keys()
         assert record["relay_concurrency"] == [1, 4]
         assert record["relay_connect_ns_p50"] > 0 and record["relay_copy_ns_per_byte"] > 0
-    service, pods, later = records
+    service, first, _, last, pods, later = records
+    # Portal rules are a linear list: the last service's walk is the longest.
+    assert first["nat_entries_visited_mean"] < last["nat_entries_visited_mean"]
+    assert "relay set-up (measured)" in last["ns_source"]
     assert "relay set-up (measured)" in service["ns_source"] and service["ns_p50"] >= service["rule_walk_ns_p50"]
     assert pods["ns_source"] == "rule walk (model)" and pods["ns_p50"] == pods["rule_walk_ns_p50"]
     assert "relay copy" in later["ns_source"]

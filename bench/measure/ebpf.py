@@ -30,7 +30,7 @@ from bench.cluster.model import service_ports
 from bench.costs import ebpf as ebpf_costs
 from bench.loaders import ebpf as ebpf_loader
 from bench.loaders.ebpf import EbpfMaps
-from bench.measure.path import PathResult, apply_nat, nat_result, path_record
+from bench.measure.path import PathResult, apply_nat, nat_result, path_record, position_results
 from bench.proxies import ebpf as ebpf_writer
 from bench.workload import established, pod_connections, service_connections
 from kernels import layout as L
@@ -100,6 +100,9 @@ def measure(point, algorithm: str = "random") -> list[dict]:
     first = datapath.process(to_service)
     to_pods = datapath.process(pod_connections(cluster, point.packets, seed=point.seed + 1))
     later = datapath.process(established(to_service))
+    # Hash-map lookups: the first, middle and last service cost the same (after the others, so
+    # their connections do not change the workloads above).
+    positions = position_results(datapath, cluster, service_ports(cluster), point.packets, point.seed)
 
     memory = ebpf_costs.kernel_bytes(datapath.maps, point.cpus)
     sync = ebpf_costs.sync_operations(maps)
@@ -120,4 +123,5 @@ def measure(point, algorithm: str = "random") -> list[dict]:
     return [{**common, "workload": name, **path_record(result),
              "forwarded_fraction": float((result.ebpf["verdict"] == L.EBPF_FORWARD).mean()),
              **{f"{counter}_mean": float(result.ebpf[counter].mean()) for counter in L.EBPF_WORK_COUNTERS}}
-            for name, result in (("service_new", first), ("nonservice_new", to_pods), ("established", later))]
+            for name, result in (("service_new", first), *positions, ("nonservice_new", to_pods),
+                                 ("established", later))]

@@ -35,7 +35,8 @@ from bench.costs import userspace as userspace_costs
 from bench.errors import InputError
 from bench.loaders.userspace import load
 from bench.measure.iptables import IptablesDatapath
-from bench.measure.path import latency_summary, path_record
+from bench.measure.path import latency_summary, path_record, position_results
+from bench.proxies.iptables import ordered_ports
 from bench.proxies.userspace import WriterOptions, host_ip, portals, write
 from bench.relay import COPY_BUFFER_BYTES, ServerProcess
 from bench.workload import established, pod_connections, service_connections
@@ -213,13 +214,18 @@ def measure(point) -> list[dict]:
     first = datapath.process(to_service)
     to_pods = datapath.process(pod_connections(cluster, point.packets, seed=point.seed + 1))
     later = datapath.process(established(to_service), established(first.after_nat))
+    # The portal rules are written in the shuffled service order.
+    positions = position_results(datapath, cluster, ordered_ports(service_ports(cluster), point.seed),
+                                 point.packets, point.seed)
     levels = relay_levels()
     single = levels[0]
 
     rng = np.random.default_rng(point.seed)
+    new_connection = "rule walk (model) + relay set-up (measured)"
     with_relay = {
-        "service_new": (first.ns + rng.choice(single.setup_overhead_ns, len(first.ns)),
-                        "rule walk (model) + relay set-up (measured)"),
+        "service_new": (first.ns + rng.choice(single.setup_overhead_ns, len(first.ns)), new_connection),
+        **{name: (result.ns + rng.choice(single.setup_overhead_ns, len(result.ns)), new_connection)
+           for name, result in positions},
         "nonservice_new": (to_pods.ns, "rule walk (model)"),
         "established": (later.ns + round(single.copy_ns_per_packet),
                         "kernel path (model) + relay copy of one segment (measured)"),
@@ -245,7 +251,7 @@ def measure(point) -> list[dict]:
         **{k: v for level in levels[1:] for k, v in level.fields(f"_c{level.concurrency}").items()},
     }
     records = []
-    for name, result in (("service_new", first), ("nonservice_new", to_pods), ("established", later)):
+    for name, result in (("service_new", first), *positions, ("nonservice_new", to_pods), ("established", later)):
         ns, source = with_relay[name]
         walk = {f"rule_walk_{k}": v for k, v in latency_summary(result.ns).items()}
         records.append({**common, "workload": name, **path_record(result), **walk,
