@@ -97,10 +97,13 @@ class IptablesDatapath:
             post[new] = self._walk(self.nat, after[new], L.HOOK_POSTROUTING, post_ns)
             ns[new] += post_ns
             compares[new] += confirm(self.conntrack, packets[new], nat[new])
-        visited = (nat["entries_visited"].astype(np.int64) + filt["entries_visited"]
-                   + post["entries_visited"])
-        return PathResult(ns, found == 1, nat, visited, nat["entries_visited"].astype(np.int64), after,
-                          compares)
+        return self._path_result(ns, found == 1, nat, filt, post, after, compares)
+
+    @staticmethod
+    def _path_result(ns, hit, nat, filt, post, after, compares) -> PathResult:
+        """The batch's PathResult from the three walks' results (RESULT_DTYPE)."""
+        visited = nat["entries_visited"].astype(np.int64) + filt["entries_visited"] + post["entries_visited"]
+        return PathResult(ns, hit, nat, visited, nat["entries_visited"].astype(np.int64), after, compares)
 
 
 COMMENT = re.compile(r' -m comment --comment (?:"[^"]*"|\S+)')

@@ -23,9 +23,8 @@ from bench.cluster.generate import generate
 from bench.cluster.model import service_ports
 from bench.loaders.iptables import Ruleset
 from bench.loaders.iptables_nft import NftTranslation, translate
-from bench.measure.iptables import control_plane
-from bench.measure.path import (PathResult, apply_nat, confirm, conntrack_lookup, is_local, path_record,
-                                position_results)
+from bench.measure.iptables import IptablesDatapath, control_plane
+from bench.measure.path import PathResult, path_record, position_results
 from bench.netaddr import ip_to_int
 from bench.proxies.iptables import WriterOptions, ordered_ports, rule_counts
 from bench.workload import established, pod_connections, service_connections
@@ -39,9 +38,11 @@ class NftPathResult(PathResult):
     expressions: np.ndarray = None
 
 
-class IptablesNftDatapath:
+class IptablesNftDatapath(IptablesDatapath):
     """conntrack + the ``ip nat`` and ``ip filter`` tables iptables-nft makes of one node's
-    iptables rules, on one kernel backend."""
+    iptables rules, on one kernel backend. The path is IptablesDatapath's; only the tables and
+    their walk differ (each walk's results are turned into RESULT_DTYPE, expressions counted
+    as ``match_calls``)."""
 
     def __init__(self, ruleset: Ruleset, node_ips: list[str], seed: int = 0,
                  backend: str | None = None, conntrack_buckets: int = 262144):
@@ -62,54 +63,18 @@ class IptablesNftDatapath:
         nft.attach_xt(iptables.Table.from_compiled(ruleset.tables[name], self.local, seed=seed))
         return nft
 
-    def is_local(self, addresses: np.ndarray) -> np.ndarray:
-        return is_local(addresses, self.local)
-
     def _walk(self, table, packets: np.ndarray, hook: int, ns: np.ndarray) -> np.ndarray:
         results = np.zeros(len(packets), dtype=L.NFT_RESULT_DTYPE)
         stage_ns = np.zeros(len(packets), dtype=np.int64)
         table.run(packets, hook, results, stage_ns)
         ns += np.maximum(stage_ns - self.timer_overhead, 0)
-        return results
+        return as_legacy_results(results)
 
-    def _filter(self, packets: np.ndarray, ns: np.ndarray) -> np.ndarray:
-        """Filter INPUT for local destinations, FORWARD for the rest, in two batches."""
-        results = np.zeros(len(packets), dtype=L.NFT_RESULT_DTYPE)
-        local = self.is_local(packets["dst"])
-        for hook, chosen in ((L.HOOK_INPUT, local), (L.HOOK_FORWARD, ~local)):
-            index = np.flatnonzero(chosen)
-            if index.size:
-                part_ns = np.zeros(index.size, dtype=np.int64)
-                results[index] = self._walk(self.filter, packets[index], hook, part_ns)
-                ns[index] += part_ns
-        return results
-
-    def process(self, packets: np.ndarray, established_after_nat: np.ndarray | None = None) -> NftPathResult:
-        """Send a batch through the path (as IptablesDatapath.process; ``nat`` holds the nat
-        PREROUTING results in RESULT_DTYPE, ``match_calls`` there being its expressions)."""
-        n = len(packets)
-        found, compares, ns = conntrack_lookup(self.conntrack, packets, self.timer_overhead)
-        new = np.flatnonzero(found == 0)
-        nat = np.zeros(n, dtype=L.NFT_RESULT_DTYPE)
-        after = packets.copy() if established_after_nat is None else established_after_nat.copy()
-        if new.size:
-            new_ns = np.zeros(new.size, dtype=np.int64)
-            nat[new] = self._walk(self.nat, packets[new], L.HOOK_PREROUTING, new_ns)
-            ns[new] += new_ns
-            after[new] = apply_nat(packets[new], nat[new])
-        filt = self._filter(after, ns)
-        post = np.zeros(n, dtype=L.NFT_RESULT_DTYPE)
-        legacy_nat = as_legacy_results(nat)
-        if new.size:
-            post_ns = np.zeros(new.size, dtype=np.int64)
-            post[new] = self._walk(self.nat, after[new], L.HOOK_POSTROUTING, post_ns)
-            ns[new] += post_ns
-            compares[new] += confirm(self.conntrack, packets[new], legacy_nat[new])
-        visited = (nat["entries_visited"].astype(np.int64) + filt["entries_visited"]
-                   + post["entries_visited"])
-        expressions = (nat["expressions"].astype(np.int64) + filt["expressions"] + post["expressions"])
-        return NftPathResult(ns, found == 1, legacy_nat, visited, nat["entries_visited"].astype(np.int64),
-                             after, compares, expressions)
+    @staticmethod
+    def _path_result(ns, hit, nat, filt, post, after, compares) -> NftPathResult:
+        path = IptablesDatapath._path_result(ns, hit, nat, filt, post, after, compares)
+        expressions = nat["match_calls"].astype(np.int64) + filt["match_calls"] + post["match_calls"]
+        return NftPathResult(**vars(path), expressions=expressions)
 
 
 def as_legacy_results(nft: np.ndarray) -> np.ndarray:
