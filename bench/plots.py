@@ -277,17 +277,26 @@ WORK_COUNTERS = {
 
 def work_counters(frame: pd.DataFrame, path: Path) -> Path:
     """Deterministic work counters of the first packet against services: machine-independent."""
+    return _first_packet_panels(frame, path, WORK_COUNTERS, lambda column: WORK_COUNTERS[column],
+                                "Work per new connection to a service (exact counts, same on any machine)",
+                                "count per packet")
+
+
+def _first_packet_panels(frame: pd.DataFrame, path: Path, metrics: dict, panel_title, title: str,
+                         ylabel: str) -> Path:
+    """One panel per metric the records have, each metric of the service_new records against
+    services per mode."""
     rows = points(frame)
-    present = [c for c in WORK_COUNTERS if c in rows and rows[c].notna().any()]
+    present = [c for c in metrics if c in rows and rows[c].notna().any()]
     if not present:
-        raise MissingData(f"none of {', '.join(WORK_COUNTERS)}")
+        raise MissingData(f"none of {', '.join(metrics)}")
     labels = mode_labels(frame)
     fig, axes = _panels(len(present), width=4.8)
     for ax, column in zip(axes, present):
         _mode_series(ax, against_services(rows[rows["workload"] == "service_new"]), "services", column, labels)
-        ax.set_title(WORK_COUNTERS[column], fontsize=9)
-    return _finish(fig, axes, "Work per new connection to a service (exact counts, same on any machine)",
-                   path, "services", ["count per packet"] * len(present))
+        text = panel_title(column)
+        ax.set_title(text, fontsize=8 if "\n" in text else 9)
+    return _finish(fig, axes, title, path, "services", [ylabel] * len(present))
 
 
 def memory(frame: pd.DataFrame, path: Path) -> Path:
@@ -326,17 +335,8 @@ SYNC_METRICS = {
 
 def sync_times(frame: pd.DataFrame, path: Path) -> Path:
     """Rule sync durations (full, partial, one service added) against services."""
-    rows = points(frame)
-    present = [c for c in SYNC_METRICS if c in rows and rows[c].notna().any()]
-    if not present:
-        raise MissingData(f"none of {', '.join(SYNC_METRICS)}")
-    labels = mode_labels(frame)
-    fig, axes = _panels(len(present), width=4.8)
-    for ax, column in zip(axes, present):
-        _mode_series(ax, against_services(rows[rows["workload"] == "service_new"]), "services", column, labels)
-        ax.set_title(f"{SYNC_METRICS[column]}\n{column}", fontsize=8)
-    return _finish(fig, axes, "Rule sync time (writer + loader of the model, this machine)", path,
-                   "services", ["duration, s"] * len(present))
+    return _first_packet_panels(frame, path, SYNC_METRICS, lambda column: f"{SYNC_METRICS[column]}\n{column}",
+                                "Rule sync time (writer + loader of the model, this machine)", "duration, s")
 
 
 def network_programming(frame: pd.DataFrame, path: Path) -> Path:
