@@ -239,6 +239,8 @@ def _add_gate_parser(sub) -> None:
                       help="tier 3: median CPU-time ratio a slowdown must exceed (default: %(default)s)")
     gate.add_argument("--rounds", type=int, default=15,
                       help="tiers 3 and 5: samples per side and kernel (default: %(default)s)")
+    gate.add_argument("--kernels", nargs="+", default=["iptables", "nftables", "ipvs", "conntrack"], metavar="KERNEL",
+                      help="tiers 2 and --record: the kernels whose instructions are counted (default: all four)")
     gate.add_argument("--out", metavar="DIR", default="reports", help="output folder (default: %(default)s)")
     gate.add_argument("--benchmark-json", nargs="+", default=[], metavar="FILE",
                       help="pytest-benchmark JSON (`pytest tests/test_benchmarks.py --benchmark-only "

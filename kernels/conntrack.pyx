@@ -21,6 +21,11 @@ ports are in network byte order, as in the kernel. The function returns u32, so 
   reply destination = the packet's source). Two hashes, a clash check that walks both chains,
   then both entries are inserted. A clash (the tuple is already tracked) inserts nothing.
 
+Test-only switch: ``_set_test_regression(True)`` makes every ``lookup`` compare its bucket's
+first entry once more, in a second pass that hashes the packet again (counted in ``compares``,
+``bucket_entries_compared`` and ``hash_computations``): the deliberate regression the gate's
+tests must catch. Off by default, it costs one test per batch.
+
 Totals: ``allocations`` (one nf_conn per confirmed packet, as init_conntrack allocates on the
 miss), ``clashes``, ``hash_computations``, ``bucket_entries_compared`` (lookups and confirms).
 The pure-Python twin is kernels.reference.conntrack; both give identical results and counters.
@@ -58,6 +63,15 @@ cdef enum:
     TUPLE_HASHED_BYTES = 39  # offsetofend(struct nf_conntrack_tuple, dst.__nfct_hash_offsetend)
     AF_INET = 2
     V_DNAT = 3
+
+
+cdef bint _test_extra_compare = False
+
+
+def _set_test_regression(bint on) -> None:
+    """Test-only: switch the extra compare per lookup on or off (bench/gate's tests)."""
+    global _test_extra_compare
+    _test_extra_compare = on
 
 
 cdef inline void put_be32(uint8_t *p, uint32_t v) noexcept nogil:
@@ -132,7 +146,7 @@ cdef class ConntrackTable:
         cdef Py_ssize_t n = packets.shape[0], i
         if found.shape[0] < n or compares.shape[0] < n or (ns is not None and ns.shape[0] < n):
             raise ValueError("found, compares and ns need one slot per packet")
-        cdef bint timed = ns is not None
+        cdef bint timed = ns is not None, extra_compare = _test_extra_compare
         cdef int64_t start = 0
         cdef entry_t key
         with nogil:
@@ -144,6 +158,10 @@ cdef class ConntrackTable:
                 found[i] = self.chain_has(self.bucket(&key), &key, &compares[i])
                 if timed:
                     ns[i] += now_ns() - start
+            if extra_compare:  # a second pass, so that the switch costs the loop above nothing
+                for i in range(n):
+                    key = packet_tuple(&packets[i])
+                    found[i] |= self.head_equals(self.bucket(&key), &key, &compares[i])
 
     def confirm(self, const packet_t[::1] packets, const result_t[::1] results,
                 uint32_t[::1] compares) -> None:
@@ -193,16 +211,29 @@ cdef class ConntrackTable:
             e = &self._entries[h]
             compares[0] += 1
             self.bucket_entries_compared += 1
-            if (e.src == t.src and e.dst == t.dst and e.sport == t.sport and e.dport == t.dport
-                    and e.proto == t.proto):
+            if tuple_equals(e, t):
                 return True
             h = e.next
         return False
+
+    cdef bint head_equals(self, uint32_t b, const entry_t *t, uint32_t *compares) noexcept nogil:
+        """The test-only extra compare: the chain's first entry against ``t``."""
+        cdef int32_t h = self._heads[b]
+        if h < 0:
+            return False
+        compares[0] += 1
+        self.bucket_entries_compared += 1
+        return tuple_equals(&self._entries[h], t)
 
     cdef void insert(self, int32_t h, uint32_t b, const entry_t *t) noexcept nogil:
         self._entries[h] = t[0]
         self._entries[h].next = self._heads[b]
         self._heads[b] = h
+
+
+cdef inline bint tuple_equals(const entry_t *e, const entry_t *t) noexcept nogil:
+    return (e.src == t.src and e.dst == t.dst and e.sport == t.sport and e.dport == t.dport
+            and e.proto == t.proto)
 
 
 cdef inline entry_t packet_tuple(const packet_t *p) noexcept nogil:

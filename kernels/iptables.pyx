@@ -41,6 +41,11 @@ The set, physdev and ipvs matches of kube-proxy's IPVS mode (kernel-internals §
 header and matches all succeed: jump rules, policies and tails too). Addresses are host-order
 integers; the blob is little-endian, read in place (a little-endian host is assumed).
 
+Test-only switch: ``_set_test_regression(True)`` slows ``run`` down without changing a verdict
+or counter: after each packet's walk, ip_packet_match runs again on as many entries as the walk
+visited (in blob order from the hook's first entry), the deliberate regression the gate's
+instruction-count tier must catch. Off by default: one test per packet.
+
 The pure-Python twin is kernels.reference.iptables; both give identical results and counters.
 kernels/iptables.pxd exports Table's C API: iptables-nft's compat expressions in
 kernels/nftables.pyx call ``match``/``target`` on a Table (the twin: ``compat_match``/
@@ -226,6 +231,16 @@ LAYOUT_CONSTANTS = {
     "VERDICT_DROP": VERDICT_DROP, "V_ACCEPT": V_ACCEPT, "V_DROP": V_DROP, "V_REJECT": V_REJECT,
     "V_DNAT": V_DNAT, "V_SNAT": V_SNAT, "V_MASQUERADE": V_MASQUERADE,
 }
+
+
+cdef bint _test_slowed_walk = False
+cdef uint32_t _test_header_matches = 0  # the slowed walk's results, kept so none is optimised away
+
+
+def _set_test_regression(bint on) -> None:
+    """Test-only: switch the slowed walk (header matches repeated) on or off (bench/gate's tests)."""
+    global _test_slowed_walk
+    _test_slowed_walk = on
 
 
 def struct_layout() -> dict:
@@ -600,13 +615,16 @@ cdef class Table:
         cdef Py_ssize_t n = packets.shape[0], i
         if results.shape[0] < n or (ns is not None and ns.shape[0] < n):
             raise ValueError("results and ns need one slot per packet")
-        cdef bint timed = ns is not None
+        cdef bint timed = ns is not None, slowed = _test_slowed_walk
         cdef int64_t start = 0
         with nogil:
             for i in range(n):
                 if timed:
                     start = now_ns()
                 self.walk(&packets[i], hook, &results[i])
+                if slowed:
+                    match_headers_again(&self.blob[0], self.blob.shape[0], self._hook_entry[hook],
+                                        &packets[i], results[i].entries_visited)
                 if timed:
                     ns[i] += now_ns() - start
 
@@ -793,6 +811,16 @@ cdef class Table:
         if mode == RECENT_SET or (mode == RECENT_UPDATE and ret):
             self.recent.touch(table, slot, p.time)
         return ret
+
+
+cdef void match_headers_again(const uint8_t *base, Py_ssize_t size, Py_ssize_t off, const packet_t *p,
+                              uint32_t entries) noexcept nogil:
+    """The test-only slowed walk: ip_packet_match on ``entries`` entries from ``off``, in blob order."""
+    global _test_header_matches
+    while entries > 0 and off < size:
+        _test_header_matches += ip_packet_match(base + off, p)
+        off += u16_at(base + off, E_NEXT_OFFSET)
+        entries -= 1
 
 
 # ---- translate_table-like checks: a bad blob must fail here, not crash the nogil walk --------

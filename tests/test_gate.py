@@ -1,7 +1,9 @@
 """The regression gate: tier decisions on planted changes, and real gate runs on iptables mode.
 
 Nothing here asserts on a time: the A/B tier's decisions are checked on synthetic samples, and
-the tiers that run for real (1 and 4) count work, which repeats exactly.
+the tiers that run for real (1, 4 and, where valgrind is installed, 2) count work or
+instructions, which repeat exactly. The injected regressions are the kernels' own test-only
+switches (``_set_test_regression``), so the gate sees them where a real one would be.
 """
 import json
 import shutil
@@ -13,10 +15,14 @@ import pytest
 
 import bench.gate as gate
 import bench.measure.iptables as iptables_measure
+import kernels
 from bench.cli import main
 from bench.gate import deterministic as det
 from bench.gate import timing
 from bench.gate.report import Row, exit_status, failure_lines, markdown
+from kernels import layout as L
+from tests.conftest import compiled_available
+from tests.test_kernels import conntrack, flows, kube_nat, load, lookup, packets, walk
 
 MODES = ("iptables",)  # the real runs use one mode: a few seconds
 SMALL_GRID = (100, 300, 1000)
@@ -125,18 +131,87 @@ def test_extra_rule_per_service_in_the_writer_fails_tier_1(baseline_dir, tmp_pat
     assert "rules.nat" in capsys.readouterr().err
 
 
-def test_extra_hash_compare_fails_tier_1(baseline_dir, tmp_path, monkeypatch):
-    """Every conntrack lookup comparing one entry more than it did."""
-    lookup = iptables_measure.conntrack_lookup
+@pytest.fixture
+def regression():
+    """``regression(module)`` switches a kernel module's test-only regression on, until the
+    test ends."""
+    switched = []
 
-    def one_more(conntrack, packets, timer_overhead):
-        found, compares, ns = lookup(conntrack, packets, timer_overhead)
-        return found, compares + 1, ns
+    def switch_on(module):
+        module._set_test_regression(True)
+        switched.append(module)
 
-    monkeypatch.setattr(iptables_measure, "conntrack_lookup", one_more)
+    yield switch_on
+    for module in switched:
+        module._set_test_regression(False)
+
+
+def test_extra_hash_compare_in_the_conntrack_kernel_fails_tier_1(baseline_dir, tmp_path, regression, capsys):
+    """The kernel's lookup comparing one bucket entry more than it did."""
+    regression(kernels.load("conntrack"))
     assert gate_run(baseline_dir, tmp_path) == 1
     rows = json.loads((tmp_path / "out" / "gate.json").read_text())["rows"]
-    assert {r["metric"].rsplit(" ", 1)[-1] for r in rows if r["verdict"] == "fail"} == {"conntrack_compares_mean"}
+    failed = [r for r in rows if r["verdict"] == "fail"]
+    assert {r["metric"].rsplit(" ", 1)[-1] for r in failed} == {"conntrack_compares_mean"}
+    assert all(r["head"] > r["base"] for r in failed)
+    assert "conntrack_compares_mean" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(timing.valgrind_missing() is not None,
+                    reason=f"tier 2 needs callgrind: {timing.valgrind_missing()}")
+def test_slowed_iptables_walk_fails_tier_2_naming_its_instruction_count(tmp_path, monkeypatch, capsys):
+    """The kernel's walk repeating its header matches: the same verdicts and counters, so only
+    the instruction count (callgrind, exact run after run) can catch it. One kernel: ~1 min."""
+    gate.record(tmp_path / "baseline", progress=quiet, tiers=(2,), kernels=("iptables",))
+    monkeypatch.setenv("KPB_GATE_SLOW", "iptables")
+    assert gate.run(tmp_path / "baseline", tiers=(2,), out=tmp_path / "out", progress=quiet,
+                    kernels=("iptables",)) == 1
+    [row] = json.loads((tmp_path / "out" / "gate.json").read_text())["rows"]
+    assert (row["metric"], row["verdict"]) == ("iptables instructions", "fail") and row["ratio"] > 1.5
+    assert "iptables instructions" in capsys.readouterr().err
+
+
+def extra_compare_lookups(backend, on):
+    """Lookups of 200 flows, 150 of them tracked, with the extra-compare switch ``on``."""
+    module = kernels.load("conntrack", backend)
+    ct = conntrack(backend, buckets=64)
+    pkts = flows(200)
+    ct.confirm(pkts[:150], np.zeros(150, dtype=L.RESULT_DTYPE), np.zeros(150, dtype=np.uint32))
+    module._set_test_regression(on)
+    try:
+        found, compares = lookup(ct, pkts)
+    finally:
+        module._set_test_regression(False)
+    return found, compares.astype(int), ct.bucket_entries_compared, ct.hash_computations
+
+
+def test_extra_compare_switch_adds_one_compare_per_lookup(backend):
+    off, on = extra_compare_lookups(backend, False), extra_compare_lookups(backend, True)
+    assert np.array_equal(on[0], off[0])  # same verdicts
+    assert on[3] - off[3] == 200  # the second pass hashes every packet again
+    extra = on[1] - off[1]
+    assert set(extra) <= {0, 1} and extra[:150].all()  # a tracked tuple's bucket is never empty
+    assert on[2] - off[2] == extra.sum()
+
+
+def test_extra_compare_switch_counts_identically_in_both_twins():
+    if not compiled_available():
+        pytest.skip("compiled kernels not built")
+    cython, python = extra_compare_lookups("cython", True), extra_compare_lookups("python", True)
+    assert all(np.array_equal(a, b) for a, b in zip(cython, python))
+
+
+def test_slowed_walk_switch_changes_no_result_or_counter(backend):
+    module = kernels.load("iptables", backend)
+    pkts = packets(40, dst=np.arange(40) % 6 + 0x0A600000, dport=80)
+    tables = [load(backend, kube_nat(8, 2).build()) for _ in range(2)]
+    off = walk(tables[0], pkts)
+    module._set_test_regression(True)
+    try:
+        on = walk(tables[1], pkts)
+    finally:
+        module._set_test_regression(False)
+    assert np.array_equal(on, off) and np.array_equal(tables[1].counters, tables[0].counters)
 
 
 def test_broken_benchmark_exits_2_not_1(baseline_dir, tmp_path, monkeypatch):
@@ -156,7 +231,7 @@ def test_cli_exit_2_with_one_line_for_a_missing_or_bad_baseline(tmp_path, capsys
     (tmp_path / gate.BASELINE_FILE).write_text("{not json")
     assert main(["gate", "--baseline", str(tmp_path), "--tiers", "1"]) == 2
     assert "baseline.json:1" in capsys.readouterr().err
-    for option, value in (("--tiers", "1,9"), ("--rounds", "2"), ("--factor", "1.0")):
+    for option, value in (("--tiers", "1,9"), ("--rounds", "2"), ("--factor", "1.0"), ("--kernels", "nope")):
         assert main(["gate", "--baseline", str(tmp_path), option, value]) == 2
         assert option in capsys.readouterr().err
 

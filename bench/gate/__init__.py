@@ -63,8 +63,9 @@ def _say(message: str) -> None:
 
 # ---- measuring one side ------------------------------------------------------------------------
 
-def measure(tiers, progress=_say, rounds: int = ROUNDS, modes=None, strict: bool = True) -> dict:
-    """Everything the baseline stores, for the chosen tiers (and modes; default all).
+def measure(tiers, progress=_say, rounds: int = ROUNDS, modes=None, strict: bool = True,
+            kernels=timing.KERNELS) -> dict:
+    """Everything the baseline stores, for the chosen tiers (modes and kernels; default all).
 
     ``strict=False`` leaves out modes whose measurement breaks (the A/A's head side reports them).
     """
@@ -85,7 +86,7 @@ def measure(tiers, progress=_say, rounds: int = ROUNDS, modes=None, strict: bool
         side["complexity"] = {c.mode: c.slope for part in checks.values() for c in part}
     if 2 in tiers and not timing.valgrind_missing():
         progress("tier 2: callgrind, one run per kernel (a few minutes)")
-        side["instructions"] = _measured(timing.count_instructions(), strict)
+        side["instructions"] = _measured(timing.count_instructions(kernels), strict)
     if 5 in tiers:
         walls = _measured(_head_wall(rounds, progress), strict)
         side["wallclock"] = {k: float(np.median(v)) for k, v in walls.items()}
@@ -139,11 +140,12 @@ def _samples(base: tuple[str, Path] | None, rounds: int, progress, kernels=timin
         base_worker.close()
 
 
-def record(baseline_dir: Path, progress=_say, rounds: int = ROUNDS, tiers=ALL_TIERS, modes=None) -> Path:
+def record(baseline_dir: Path, progress=_say, rounds: int = ROUNDS, tiers=ALL_TIERS, modes=None,
+           kernels=timing.KERNELS) -> Path:
     """Measure the tiers on this machine and write the baseline."""
     from bench.cli import write_atomically
 
-    side = measure(tiers, progress, rounds, modes)
+    side = measure(tiers, progress, rounds, modes, kernels=kernels)
     if 2 in tiers and "instructions" not in side:
         progress(f"tier 2 not recorded: {timing.valgrind_missing()}")
     baseline_dir.mkdir(parents=True, exist_ok=True)
@@ -288,15 +290,15 @@ def recorded_wallclock_rows(recorded: dict, head: dict[str, np.ndarray]) -> list
 
 def run(baseline_dir: Path = Path("reports/baseline"), base_ref: str | None = None, tiers=ALL_TIERS,
         out: Path = Path("reports"), aa: bool = False, rule: timing.ABRule = timing.ABRule(),
-        rounds: int = ROUNDS, progress=_say, modes=None, benchmark_json=()) -> int:
+        rounds: int = ROUNDS, progress=_say, modes=None, benchmark_json=(), kernels=timing.KERNELS) -> int:
     """Run the gate, write ``out/gate.md`` and ``out/gate.json`` (``gate-aa.*`` with ``aa``),
     print the table; returns the exit status. ``benchmark_json``: pytest-benchmark files whose
-    medians join tier 5."""
+    medians join tier 5; ``kernels``: the kernels tier 2 counts."""
     notes, rows = [], []
     head_fp = fingerprint()
     if aa:
         notes.append("A/A: the working tree against itself; the ratios are the noise of each metric")
-        base = measure([t for t in tiers if t in (1, 2, 4)], progress, modes=modes, strict=False)
+        base = measure([t for t in tiers if t in (1, 2, 4)], progress, modes=modes, strict=False, kernels=kernels)
     elif set(tiers) & {1, 2} or (5 in tiers and not base_ref):
         base = read_baseline(baseline_dir)
     else:  # tiers 3 and 4 (and 5 with --base) compare with no stored figures
@@ -310,7 +312,8 @@ def run(baseline_dir: Path = Path("reports/baseline"), base_ref: str | None = No
     samples = None
     for tier in [t for t in ALL_TIERS if t in tiers]:
         try:
-            new_rows, samples = _tier(tier, base, base_ref, aa, rule, rounds, samples, progress, notes, modes)
+            new_rows, samples = _tier(tier, base, base_ref, aa, rule, rounds, samples, progress, notes, modes,
+                                      kernels)
         except InputError:
             raise
         except Exception as exc:  # a broken benchmark is "could not measure" (2), never a regression
@@ -325,7 +328,7 @@ def run(baseline_dir: Path = Path("reports/baseline"), base_ref: str | None = No
     return _write(rows, notes, head_fp, out, "gate-aa" if aa else "gate")
 
 
-def _tier(tier, base, base_ref, aa, rule, rounds, samples, progress, notes, modes):
+def _tier(tier, base, base_ref, aa, rule, rounds, samples, progress, notes, modes, kernels):
     """The rows of one tier (and the timing samples, shared by tiers 3 and 5)."""
     if tier == 1:
         if "work" not in base:
@@ -353,7 +356,7 @@ def _tier(tier, base, base_ref, aa, rule, rounds, samples, progress, notes, mode
             raise timing.MeasurementError("the baseline has no instruction counts: re-record it "
                                           "where valgrind is installed")
         progress("tier 2: callgrind, one run per kernel (a few minutes)")
-        return instruction_rows(base["instructions"], timing.count_instructions()), samples
+        return instruction_rows(base["instructions"], timing.count_instructions(kernels)), samples
     if tier == 3:
         if not (base_ref or aa):
             notes.append("tier 3 not run: give --base GIT_REF for a CPU-time A/B")
@@ -422,18 +425,22 @@ def command(args) -> int:
         raise InputError(f"needs 5 or more rounds for a significance test, got {args.rounds}", "command line", "--rounds")
     if args.factor <= 1:
         raise InputError(f"must be above 1 (a slowdown ratio), got {args.factor}", "command line", "--factor")
+    unknown = sorted(set(args.kernels) - set(timing.KERNELS))
+    if unknown:
+        raise InputError(f"unknown kernel {unknown[0]!r}, expected some of {', '.join(timing.KERNELS)}",
+                         "command line", "--kernels")
     if len(args.benchmark_json) > 2:
         raise InputError("at most two files (base, then head)", "command line", "--benchmark-json")
     if args.record:
         try:
-            path = record(Path(args.baseline), rounds=args.rounds)
+            path = record(Path(args.baseline), rounds=args.rounds, kernels=tuple(args.kernels))
         except timing.MeasurementError as exc:
             print(f"kpbench: error: cannot record the baseline: {exc}", file=sys.stderr)
             return 2
         print(f"gate: baseline recorded in {path}")
         return 0
     return run(Path(args.baseline), args.base, tiers, Path(args.out), args.aa, timing.ABRule(factor=args.factor),
-               args.rounds, benchmark_json=args.benchmark_json)
+               args.rounds, benchmark_json=args.benchmark_json, kernels=tuple(args.kernels))
 
 
 def _parse_tiers(text: str) -> tuple[int, ...]:

@@ -16,7 +16,9 @@ hit); ``confirm`` builds the original tuple from the packet and the reply tuple 
 result (reply source = DNAT destination, a zero DNAT port keeping the original port, else the
 original destination; reply destination = the packet's source), checks both chains for a clash
 and inserts both entries. Totals: allocations, clashes, hash_computations,
-bucket_entries_compared.
+bucket_entries_compared. ``_set_test_regression(True)``, test-only as in the kernel: every
+lookup hashes its tuple again and compares its bucket's first entry once more (counted like
+any hash and compare).
 """
 from __future__ import annotations
 
@@ -43,6 +45,14 @@ ENTRY_DTYPE = np.dtype([("next", "<i4"), ("src", "<u4"), ("dst", "<u4"), ("sport
 _SRC = struct.Struct(">I12xH")
 _L3NUM = struct.Struct("<H")
 _DST = struct.Struct(">I12xHB")
+
+_test_extra_compare = False
+
+
+def _set_test_regression(on: bool) -> None:
+    """Test-only: switch the extra compare per lookup on or off (bench/gate's tests)."""
+    global _test_extra_compare
+    _test_extra_compare = bool(on)
 
 
 class ConntrackTable:
@@ -93,6 +103,8 @@ class ConntrackTable:
             start = clock()
             key = _packet_tuple(p)
             hit, compared = self._chain_has(self._bucket(key), key)
+            if _test_extra_compare:  # the kernel's second pass: hash again, compare the first entry
+                compared += self._head_compared(self._bucket(key))
             found[i], compares[i] = hit, compared
             if ns is not None:
                 ns[i] += clock() - start
@@ -142,6 +154,12 @@ class ConntrackTable:
             h = int(e["next"])
         self.bucket_entries_compared += compared
         return False, compared
+
+    def _head_compared(self, bucket: int) -> int:
+        """The test-only extra compare: 1 when the chain has a first entry to compare."""
+        compared = int(self.heads[bucket] >= 0)
+        self.bucket_entries_compared += compared
+        return compared
 
     def _insert(self, h: int, bucket: int, t: tuple) -> None:
         src, dst, sport, dport, proto = t

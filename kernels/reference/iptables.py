@@ -29,6 +29,10 @@ The blob is decoded once, at construction, into one record per entry (checking i
 translate_table would); the walk then follows blob offsets exactly as the compiled kernel does.
 Only the twin has ``walk_one``, for the packet tracer: it reports every visited entry and can
 let the caller decide each statistic match instead of the RNG.
+
+``_set_test_regression(True)``, test-only as in the kernel: after each packet's walk, ``run``
+matches the headers of as many entries as the walk visited again (blob order from the hook's
+first entry), changing no result or counter.
 """
 from __future__ import annotations
 
@@ -54,6 +58,15 @@ BITMAP_PORT_PROTOCOLS = (6, 17)  # ip_set_get_ip_port: bitmap:port tests only TC
 # proto, flags, invflags, target_offset, next_offset, rule index, match count.
 _HEADER = struct.Struct("<4I8QHBB4xHH4xIH10x")
 assert _HEADER.size == L.ENTRY_SIZE
+
+_test_slowed_walk = False
+_ENTRIES_VISITED = L.RESULT_DTYPE.names.index("entries_visited")  # its place in a result row
+
+
+def _set_test_regression(on: bool) -> None:
+    """Test-only: switch the slowed walk (header matches repeated) on or off (bench/gate's tests)."""
+    global _test_slowed_walk
+    _test_slowed_walk = bool(on)
 
 
 def _u16(blob, off: int) -> int:
@@ -181,6 +194,8 @@ class Table:
         for i, record in enumerate(packets.tolist()):
             start = clock()
             rows.append(self._walk(_Packet(record), hook))
+            if _test_slowed_walk:
+                self._match_headers_again(_Packet(record), hook, rows[-1][_ENTRIES_VISITED])
             if ns is not None:
                 ns[i] += clock() - start
         results[:n] = np.array(rows, dtype=L.RESULT_DTYPE)
@@ -192,6 +207,15 @@ class Table:
         record = packet.item() if isinstance(packet, np.void) else tuple(packet)
         row = self._walk(_Packet(record), hook, trace, decide)
         return np.array([row], dtype=L.RESULT_DTYPE)[0]
+
+    def _match_headers_again(self, p: _Packet, hook: int, entries: int) -> None:
+        """The test-only slowed walk: ip_packet_match on ``entries`` entries from the hook's first."""
+        off = int(self.hook_entry[hook])
+        for _ in range(entries):
+            if off not in self._entries:
+                return
+            _ip_packet_match(self._entries[off], p)
+            off = self._entries[off].next
 
     def _check_hook(self, hook: int) -> None:
         if not 0 <= hook < 5 or self.hook_entry[hook] < 0:
