@@ -74,18 +74,6 @@ def _set_test_regression(bint on) -> None:
     _test_extra_compare = on
 
 
-cdef inline void put_be32(uint8_t *p, uint32_t v) noexcept nogil:
-    p[0] = v >> 24
-    p[1] = v >> 16
-    p[2] = v >> 8
-    p[3] = v
-
-
-cdef inline void put_be16(uint8_t *p, uint16_t v) noexcept nogil:
-    p[0] = v >> 8
-    p[1] = v
-
-
 # nonecheck off: `self` is never None in its own methods, and with the check (debug builds)
 # Cython rejects `self.attr += 1` without the GIL.
 @cython.final
@@ -194,11 +182,11 @@ cdef class ConntrackTable:
     cdef uint32_t bucket(self, const entry_t *t) noexcept nogil:
         cdef uint8_t image[40]
         memset(image, 0, sizeof(image))
-        put_be32(image, t.src)
-        put_be16(image + 16, t.sport)
+        hashing.put_be32(image, t.src)
+        hashing.put_be16(image + 16, t.sport)
         image[18] = AF_INET  # l3num, a host-order (little-endian) u16
-        put_be32(image + 20, t.dst)
-        put_be16(image + 36, t.dport)
+        hashing.put_be32(image + 20, t.dst)
+        hashing.put_be16(image + 36, t.dport)
         image[38] = t.proto
         self.hash_computations += 1
         cdef uint64_t h = hashing.siphash24(image, TUPLE_HASHED_BYTES, self.k0, self.k1)

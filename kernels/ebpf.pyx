@@ -147,35 +147,14 @@ def roundup_pow_of_two(uint64_t n) -> int:
 
 # ---- key layouts (network order where the kernel keeps __be fields) -------------------------
 
-cdef inline void put_be32(uint8_t *p, uint32_t v) noexcept nogil:
-    p[0] = v >> 24
-    p[1] = v >> 16
-    p[2] = v >> 8
-    p[3] = v
-
-
-cdef inline void put_be16(uint8_t *p, uint16_t v) noexcept nogil:
-    p[0] = v >> 8
-    p[1] = v
-
-
-cdef inline void put_le16(uint8_t *p, uint16_t v) noexcept nogil:
-    p[0] = v
-    p[1] = v >> 8
-
-
-cdef inline void put_le32(uint8_t *p, uint32_t v) noexcept nogil:
-    put_le16(p, <uint16_t>v)
-    put_le16(p + 2, <uint16_t>(v >> 16))
-
 
 cdef inline void service_key(uint8_t *k, uint32_t addr, uint16_t port, uint16_t slot,
                              uint8_t proto) noexcept nogil:
     # struct lb4_key: __be32 address, __be16 dport, u16 backend_slot, u8 proto, u8 scope, pad[2]
     memset(k, 0, KEY_BYTES)
-    put_be32(k, addr)
-    put_be16(k + 4, port)
-    put_le16(k + 6, slot)
+    hashing.put_be32(k, addr)
+    hashing.put_be16(k + 4, port)
+    hashing.put_le16(k + 6, slot)
     k[8] = proto
 
 
@@ -183,10 +162,10 @@ cdef inline void ct_key(uint8_t *k, uint32_t daddr, uint32_t saddr, uint16_t dpo
                         uint8_t proto) noexcept nogil:
     # struct ipv4_ct_tuple (packed): daddr, saddr, dport, sport, nexthdr, flags
     memset(k, 0, KEY_BYTES)
-    put_be32(k, daddr)
-    put_be32(k + 4, saddr)
-    put_be16(k + 8, dport)
-    put_be16(k + 10, sport)
+    hashing.put_be32(k, daddr)
+    hashing.put_be32(k + 4, saddr)
+    hashing.put_be16(k + 8, dport)
+    hashing.put_be16(k + 10, sport)
     k[12] = proto
     k[13] = TUPLE_F_SERVICE
 
@@ -386,7 +365,7 @@ cdef class ServiceMaps:
         memset(&scratch, 0, sizeof(scratch))
         for row in range(maps.backend_rows.shape[0]):
             memset(key, 0, KEY_BYTES)
-            put_le32(key, maps.backend_rows[row].id)
+            hashing.put_le32(key, maps.backend_rows[row].id)
             maps.backends.update(key, <int32_t>row, &scratch)
         for row in range(maps.entries.shape[0]):
             e = &maps.entries[row]
@@ -427,7 +406,7 @@ cdef class ServiceMaps:
             probes += maglev_fill(backend_keys.view(np.uint8).reshape(len(ids), 8), positions,
                                   self.maglev_seeds[0], self.maglev_seeds[1])
             memset(key, 0, KEY_BYTES)
-            put_le16(key, <uint16_t>rev_nat)
+            hashing.put_le16(key, <uint16_t>rev_nat)
             if self.maglev_outer.update(key, <int32_t>self.n_tables, &scratch) == 0:
                 tables[self.n_tables] = np.asarray(ids, np.uint32)[positions]
                 self.n_tables += 1
@@ -482,7 +461,7 @@ cdef class ServiceMaps:
         cdef int32_t backend = -1
         if backend_id > 0:
             memset(key, 0, KEY_BYTES)
-            put_le32(key, <uint32_t>backend_id)
+            hashing.put_le32(key, <uint32_t>backend_id)
             backend = self.backends.lookup(key, r)
         if backend < 0:
             r.verdict = V_NO_BACKEND
@@ -510,7 +489,7 @@ cdef class ServiceMaps:
             r.hash_computations += 1
             r.backend_slot = tuple_hash(tuple_key, self.tuple_seed) % self.maglev_size
             memset(key, 0, KEY_BYTES)
-            put_le16(key, <uint16_t>(r.rev_nat & 0xFFFF))
+            hashing.put_le16(key, <uint16_t>(r.rev_nat & 0xFFFF))
             found = self.maglev_outer.lookup(key, r)
             if found < 0:
                 return 0
@@ -549,7 +528,7 @@ cdef class ServiceMaps:
         cdef uint8_t key[KEY_BYTES]
         memset(&scratch, 0, sizeof(scratch))
         memset(key, 0, KEY_BYTES)
-        put_le16(key, <uint16_t>(rev_nat & 0xFFFF))
+        hashing.put_le16(key, <uint16_t>(rev_nat & 0xFFFF))
         cdef int32_t found = self.maglev_outer.lookup(key, &scratch)
         return np.asarray(self.maglev[found]).copy() if found >= 0 else np.zeros(0, np.uint32)
 

@@ -7,7 +7,7 @@
 # include/linux/kernel.h (reciprocal_scale), lib/siphash.c (SipHash-2-4, and hsiphash as 64-bit
 # kernels build it: SipHash-1-3 truncated to 32 bits), and Vigna's splitmix64
 # standing in for get_random_u32() so that every run is reproducible from its seed.
-from libc.stdint cimport uint8_t, uint32_t, uint64_t
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 
 # ---- seeded RNG: splitmix64 -----------------------------------------------------------------
 
@@ -45,6 +45,30 @@ cdef inline uint32_t load_le32(const uint8_t *p) noexcept nogil:
 
 cdef inline uint64_t load_le64(const uint8_t *p) noexcept nogil:
     return load_le32(p) | (<uint64_t>load_le32(p + 4) << 32)
+
+
+# ---- writing key bytes (network order where the kernel keeps __be fields) ------------------
+
+cdef inline void put_be32(uint8_t *p, uint32_t v) noexcept nogil:
+    p[0] = v >> 24
+    p[1] = v >> 16
+    p[2] = v >> 8
+    p[3] = v
+
+
+cdef inline void put_be16(uint8_t *p, uint16_t v) noexcept nogil:
+    p[0] = v >> 8
+    p[1] = v
+
+
+cdef inline void put_le16(uint8_t *p, uint16_t v) noexcept nogil:
+    p[0] = v
+    p[1] = v >> 8
+
+
+cdef inline void put_le32(uint8_t *p, uint32_t v) noexcept nogil:
+    put_le16(p, <uint16_t>v)
+    put_le16(p + 2, <uint16_t>(v >> 16))
 
 
 # ---- jhash (Bob Jenkins' lookup3 as include/linux/jhash.h has it) ---------------------------

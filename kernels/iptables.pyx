@@ -370,17 +370,6 @@ cdef inline bint ipvs_match(const uint8_t *m) noexcept nogil:
 
 # ---- ipset keys (ip_set_get_ip4_port and the hash types' kadt, network byte order) ------------
 
-cdef inline void put_be32(uint8_t *k, uint32_t v) noexcept nogil:
-    k[0] = v >> 24
-    k[1] = v >> 16
-    k[2] = v >> 8
-    k[3] = v
-
-
-cdef inline void put_be16(uint8_t *k, uint16_t v) noexcept nogil:
-    k[0] = v >> 8
-    k[1] = v
-
 
 cdef inline bint from_source(uint8_t flags, int dim) noexcept nogil:
     return (flags & (1 << dim)) != 0
@@ -402,13 +391,13 @@ cdef inline void pack_set_key(uint8_t *key, int set_type, uint8_t flags,
                               const packet_t *p) noexcept nogil:
     """The element a hash type's kadt builds, laid out as kernels.layout.ipset_key_* packs it."""
     memset(key, 0, SET_KEY_MAX)
-    put_be32(key, set_addr(p, flags, 1))
+    hashing.put_be32(key, set_addr(p, flags, 1))
     if set_type == SETTYPE_IP_PORT:
-        put_be16(key + 4, set_port(p, flags, 2))
+        hashing.put_be16(key + 4, set_port(p, flags, 2))
         key[6] = p.proto
     elif set_type == SETTYPE_IP_PORT_IP or set_type == SETTYPE_IP_PORT_NET:
-        put_be32(key + 4, set_addr(p, flags, 3))
-        put_be16(key + 8, set_port(p, flags, 2))
+        hashing.put_be32(key + 4, set_addr(p, flags, 3))
+        hashing.put_be16(key + 8, set_port(p, flags, 2))
         if set_type == SETTYPE_IP_PORT_IP:
             key[10] = p.proto
         else:  # a host address: cidr - 1 of a /32 (the set masks it for each prefix it holds)
