@@ -170,12 +170,15 @@ def control_plane(cluster, options: WriterOptions, comments: bool) -> tuple[Rule
     return ruleset, full["text"], record
 
 
-def measure(point) -> list[dict]:
+def run_workloads(point, datapath_class) -> tuple:
+    """Sync the point's cluster (the control plane, timed), load the rules into a
+    ``datapath_class`` data path and send the workloads through it: (ruleset, rule text, sync
+    record, data path, [(workload, PathResult)])."""
     cluster = generate(point.services, point.endpoints, point.nodes, seed=point.seed, mix=point.mix)
     infos = service_ports(cluster)
     options = WriterOptions(include_jump_rules=True, service_order_seed=point.seed)
     ruleset, text, sync = control_plane(cluster, options, comments=point.settings.get("comments") != "off")
-    datapath = IptablesDatapath(ruleset, cluster.config.node_ips, seed=point.seed)
+    datapath = datapath_class(ruleset, cluster.config.node_ips, seed=point.seed)
 
     to_service = service_connections(cluster, infos, point.packets, seed=point.seed)
     first = datapath.process(to_service)
@@ -183,7 +186,12 @@ def measure(point) -> list[dict]:
     later = datapath.process(established(to_service), established(first.after_nat))
     # KUBE-SERVICES holds the service ports in the order the writer shuffled them into.
     positions = position_results(datapath, cluster, ordered_ports(infos, point.seed), point.packets, point.seed)
+    workloads = [("service_new", first), *positions, ("nonservice_new", to_pods), ("established", later)]
+    return ruleset, text, sync, datapath, workloads
 
+
+def measure(point) -> list[dict]:
+    ruleset, text, sync, datapath, workloads = run_workloads(point, IptablesDatapath)
     common = {
         "kind": "point", "point_id": point.point_id, **asdict(point),
         "rules": rule_counts(text),
@@ -195,5 +203,4 @@ def measure(point) -> list[dict]:
         "sync_entries": iptables_costs.sync_entries(ruleset.tables),
         **sync,
     }
-    workloads = [("service_new", first), *positions, ("nonservice_new", to_pods), ("established", later)]
     return [{**common, "workload": name, **path_record(result)} for name, result in workloads]

@@ -19,15 +19,12 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 import kernels
-from bench.cluster.generate import generate
-from bench.cluster.model import service_ports
 from bench.loaders.iptables import Ruleset
 from bench.loaders.iptables_nft import NftTranslation, translate
-from bench.measure.iptables import IptablesDatapath, control_plane
-from bench.measure.path import PathResult, path_record, position_results
+from bench.measure.iptables import IptablesDatapath, run_workloads
+from bench.measure.path import PathResult, path_record
 from bench.netaddr import ip_to_int
-from bench.proxies.iptables import WriterOptions, ordered_ports, rule_counts
-from bench.workload import established, pod_connections, service_connections
+from bench.proxies.iptables import rule_counts
 from kernels import layout as L
 
 
@@ -93,18 +90,7 @@ def measure(point) -> list[dict]:
     """iptables.measure's workloads on the nft backend; records carry ``iptables_backend:
     "nft"`` (``backend`` is already every record's kernel backend, bench/results.py) and
     ``expressions_mean``. The control plane is iptables-restore's (bench.measure.iptables)."""
-    cluster = generate(point.services, point.endpoints, point.nodes, seed=point.seed, mix=point.mix)
-    infos = service_ports(cluster)
-    options = WriterOptions(include_jump_rules=True, service_order_seed=point.seed)
-    ruleset, text, sync = control_plane(cluster, options, comments=point.settings.get("comments") != "off")
-    datapath = IptablesNftDatapath(ruleset, cluster.config.node_ips, seed=point.seed)
-
-    to_service = service_connections(cluster, infos, point.packets, seed=point.seed)
-    first = datapath.process(to_service)
-    to_pods = datapath.process(pod_connections(cluster, point.packets, seed=point.seed + 1))
-    later = datapath.process(established(to_service), established(first.after_nat))
-    positions = position_results(datapath, cluster, ordered_ports(infos, point.seed), point.packets, point.seed)
-
+    ruleset, text, sync, datapath, workloads = run_workloads(point, IptablesNftDatapath)
     nft_tables = [datapath.nat, datapath.filter]
     common = {
         "kind": "point", "point_id": point.point_id, **asdict(point), "iptables_backend": "nft",
@@ -116,6 +102,5 @@ def measure(point) -> list[dict]:
                        + sum(t.blob.nbytes for t in ruleset.tables.values()),
         **sync,
     }
-    workloads = [("service_new", first), *positions, ("nonservice_new", to_pods), ("established", later)]
     return [{**common, "workload": name, **path_record(result),
              "expressions_mean": float(result.expressions.mean())} for name, result in workloads]
