@@ -70,6 +70,7 @@ cdef class HashSet:
     cdef bint ipset_rehash_into(self, int bits, old_slots_array, old_pos_array)
     cdef bint ipset_delete(self, const uint8_t *key)
     cdef void ipset_tidy_bucket(self, uint32_t b)
+    cdef void add_head(self, const uint8_t *key, uint32_t value)
     cdef bint rhash_add(self, const uint8_t *key, uint32_t value)
     cdef bint hash_add(self, const uint8_t *key, uint32_t value)
     cdef void rhash_resize(self, uint32_t size)

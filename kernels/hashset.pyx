@@ -498,6 +498,13 @@ cdef class HashSet:
             self._pos[b] = kept
             self._size[b] -= AHASH_INIT_SIZE
 
+    cdef void add_head(self, const uint8_t *key, uint32_t value):
+        """A new element at the head of its bucket's chain (hlist_add_head_rcu)."""
+        cdef uint32_t b = self.bucket_of(key)
+        cdef int32_t e = self.new_element(key, value)
+        self._next[e] = self._heads[b]
+        self._heads[b] = e
+
     cdef bint rhash_add(self, const uint8_t *key, uint32_t value):
         cdef uint32_t compares = 0
         cdef int32_t found = self.find_exact(key, &compares)
@@ -508,10 +515,7 @@ cdef class HashSet:
         self.bucket_entries_compared += compares
         if found >= 0:
             return False
-        cdef uint32_t b = self.bucket_of(key)
-        cdef int32_t e = self.new_element(key, value)
-        self._next[e] = self._heads[b]
-        self._heads[b] = e
+        self.add_head(key, value)
         return True
 
     cdef bint hash_add(self, const uint8_t *key, uint32_t value):
@@ -522,10 +526,7 @@ cdef class HashSet:
         self.bucket_entries_compared += compares
         if found >= 0 or self.n_elements >= self.size:
             return False
-        cdef uint32_t b = self.bucket_of(key)
-        cdef int32_t e = self.new_element(key, value)
-        self._next[e] = self._heads[b]
-        self._heads[b] = e
+        self.add_head(key, value)
         return True
 
     cdef void rhash_resize(self, uint32_t size):

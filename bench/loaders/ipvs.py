@@ -283,6 +283,19 @@ _SERVICE_PROTOCOLS = {"-t": "tcp", "--tcp-service": "tcp", "-u": "udp", "--udp-s
                       "--sctp-service": "sctp"}
 
 
+def _each_line(lines, source: str, handle) -> None:
+    """``handle(words)`` for each (number, line) that is not blank or a comment; an error
+    names ``source:number``."""
+    for number, line in lines:
+        words = line.split()
+        if not words or words[0].startswith("#"):
+            continue
+        try:
+            handle(words)
+        except InputError as exc:
+            raise InputError(exc.message, f"{source}:{number}", exc.field) from None
+
+
 class _IpvsadmReader:
     """ipvsadm-restore: -A adds a service, -a a real server to an existing one."""
 
@@ -292,14 +305,7 @@ class _IpvsadmReader:
         self.destinations: dict[tuple, set[tuple[int, int]]] = {}  # per service: (addr, port)
 
     def read(self, lines) -> list[VirtualService]:
-        for number, line in lines:
-            words = line.split()
-            if not words or words[0].startswith("#"):
-                continue
-            try:
-                self._line(words)
-            except InputError as exc:
-                raise InputError(exc.message, f"{self.source}:{number}", exc.field) from None
+        _each_line(lines, self.source, self._line)
         return list(self.services.values())
 
     def _line(self, words: list[str]) -> None:
@@ -496,14 +502,7 @@ class _IpsetReader:
         self.members: dict[str, set[tuple]] = {}
 
     def read(self, lines) -> dict[str, IpSet]:
-        for number, line in lines:
-            words = line.split()
-            if not words or words[0].startswith("#"):
-                continue
-            try:
-                self._line(words)
-            except InputError as exc:
-                raise InputError(exc.message, f"{self.source}:{number}", exc.field) from None
+        _each_line(lines, self.source, self._line)
         return self.sets
 
     def _line(self, words: list[str]) -> None:

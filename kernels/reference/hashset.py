@@ -384,6 +384,13 @@ class HashSet:
 
     # ---- rhash add / delete / resize -------------------------------------------------------
 
+    def _add_head(self, key: bytes, value: int) -> None:
+        """A new element at the head of its bucket's chain (hlist_add_head_rcu)."""
+        b = self._bucket_of(key)
+        e = self._new_element(key, value)
+        self._next[e] = self._heads[b]
+        self._heads[b] = e
+
     def _rhash_add(self, key: bytes, value: int) -> bool:
         found, compared = self._find_exact(key)
         if found < 0 and self.n_elements > self.n_buckets:
@@ -394,10 +401,7 @@ class HashSet:
         self.bucket_entries_compared += compared
         if found >= 0:
             return False
-        b = self._bucket_of(key)
-        e = self._new_element(key, value)
-        self._next[e] = self._heads[b]
-        self._heads[b] = e
+        self._add_head(key, value)
         return True
 
     def _hash_add(self, key: bytes, value: int) -> bool:
@@ -407,10 +411,7 @@ class HashSet:
         self.bucket_entries_compared += compared
         if found >= 0 or self.n_elements >= self.size:
             return False
-        b = self._bucket_of(key)
-        e = self._new_element(key, value)
-        self._next[e] = self._heads[b]
-        self._heads[b] = e
+        self._add_head(key, value)
         return True
 
     def _rhash_resize(self, size: int) -> None:
