@@ -38,8 +38,8 @@ VARIANT_KEYS = {
     "ipvs": {"scheduler": ("rr", "wrr", "lc", "wlc", "sh", "dh", "mh", "sed", "nq")},
 }
 SERVICES_AXIS = [100, 1000, 5000, 10000, 20000]
-# Every mode but iptables-nft, which the default profile sweeps to 5,000 services only.
-KUBE_PROXY_MODES = ["iptables", "ipvs", "nftables", "userspace", "ebpf"]
+# The modes the default profile sweeps along the whole services axis: iptables-nft stops at 5,000.
+WHOLE_AXIS_MODES = [mode for mode in MEASURE if mode != "iptables-nft"]
 PROFILES = {
     "quick": {"packets": 2000, "ipvs_connections": [10_000, 100_000], "blocks": [
         {"services": [100, 1000], "endpoints": [1, 10], "nodes": [10]},
@@ -54,8 +54,8 @@ PROFILES = {
     # nftables its flat rule count. nftables also runs 250 endpoints per service.
     "default": {"packets": 5000, "ipvs_connections": [10_000, 100_000, 1_000_000],
                 "axes": {"services": SERVICES_AXIS, "endpoints": [1, 10], "nodes": [100]}, "blocks": [
-        {"services": SERVICES_AXIS, "endpoints": [10], "nodes": [100], "modes": KUBE_PROXY_MODES},
-        {"services": [100, 1000, 5000], "endpoints": [1], "nodes": [100], "modes": KUBE_PROXY_MODES},
+        {"services": SERVICES_AXIS, "endpoints": [10], "nodes": [100], "modes": WHOLE_AXIS_MODES},
+        {"services": [100, 1000, 5000], "endpoints": [1], "nodes": [100], "modes": WHOLE_AXIS_MODES},
         {"services": [100, 1000, 5000], "endpoints": [1, 10], "nodes": [100], "modes": ["iptables-nft"]},
         {"services": [50000], "endpoints": [1], "nodes": [100], "modes": ["ipvs", "nftables"]},
         {"services": [100], "endpoints": [250], "nodes": [100], "modes": ["nftables"]},
