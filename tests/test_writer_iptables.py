@@ -14,7 +14,7 @@ import pytest
 from bench.cluster.model import (Cluster, Endpoint, EndpointPort, EndpointSlice, Node,
                                  ProxyConfig, Service, ServicePort)
 from bench.errors import InputError
-from bench.proxies.iptables import (WriterOptions, chain_counts, compute_probability,
+from bench.proxies.iptables import (Syncer, WriterOptions, chain_counts, compute_probability,
                                     endpoint_chain, endpoint_chain_hash, external_chain,
                                     firewall_chain, local_chain, port_proto_hash, rule_counts,
                                     service_chain, write_full, write_partial)
@@ -771,3 +771,17 @@ def test_unknown_mark_format_is_an_input_error():
 def test_bad_current_cluster_in_a_partial_sync_is_an_input_error():
     with pytest.raises(InputError, match="172.30.0.999"):
         write_partial(_with(), _with({"cluster_ip": "172.30.0.999"}))
+
+
+def test_syncer_carries_its_state_from_one_partial_sync_to_the_next():
+    first, second, third = (_three_services(), _three_services(svc2_endpoints=("10.180.0.22",)),
+                            _three_services(svc2_endpoints=("10.180.0.22", "10.180.0.23"), with_svc3=False))
+    syncer = Syncer(TEST)
+    assert syncer.full(first) == write_full(first, TEST)
+    assert syncer.partial(second) == write_partial(first, second, TEST)
+    assert syncer.partial(third) == write_partial(second, third, TEST)
+
+
+def test_syncer_needs_a_full_sync_before_a_partial_one():
+    with pytest.raises(ValueError, match="full sync first"):
+        Syncer(TEST).partial(_three_services())

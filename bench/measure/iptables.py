@@ -27,7 +27,7 @@ from bench.loaders.iptables import Ruleset, load
 from bench.measure.path import (PathResult, apply_nat, confirm, conntrack_lookup, is_local, path_record,
                                 position_results)
 from bench.netaddr import ip_to_int
-from bench.proxies.iptables import WriterOptions, ordered_ports, rule_counts, write_full, write_partial
+from bench.proxies.iptables import Syncer, WriterOptions, ordered_ports, rule_counts
 from bench.workload import established, pod_connections, service_connections
 from kernels import layout as L
 
@@ -132,38 +132,31 @@ def timed_sync(write, comments: bool, base: Ruleset | None = None) -> tuple[Rule
                      "text": text}
 
 
-# Above this many services the add-service sync is not timed: the model's partial writer
-# renders the whole previous state each time, which doubles a large point's time, and in
-# iptables mode it costs what the endpoint change costs (the kernel replaces the whole table).
-ADD_SERVICE_MAX_SERVICES = 1000
 # kube-proxy's metric name for each sync the model times, and the change it follows.
 SYNC_METRICS = (("sync_full_proxy_rules", None), ("sync_partial_proxy_rules", moved_endpoint),
                 ("sync_add_service", added_service))
 
 
 def control_plane(cluster, options: WriterOptions, comments: bool) -> tuple[Ruleset, str, dict]:
-    """A full sync, then the partial syncs after one endpoint change and one service added.
+    """A full sync, then the partial syncs after one endpoint change and then one service added.
 
     Each sync's record: ``<metric>_duration_seconds`` (write + load + the kernel's modelled
     replacement), its parts, ``<metric>_operations`` (rules in the payload) and
-    ``<metric>_kernel_entries`` (entries the kernel checks). The model keeps no state between
-    syncs, so its partial writer renders the previous state again before the changed chains;
-    a partial sync's write time is counted less the full sync's render (an estimate). The
-    kernel replaces the whole table either way."""
-    ruleset, full = timed_sync(lambda: write_full(cluster, options), comments)
+    ``<metric>_kernel_entries`` (entries the kernel checks). The writer keeps kube-proxy's
+    state between syncs (:class:`Syncer`), so a partial sync renders only the changed
+    services' chains; the kernel replaces the whole table either way. Returns the full sync's
+    ruleset (the data path's), its payload and the record."""
+    syncer = Syncer(options)
+    ruleset, full = timed_sync(lambda: syncer.full(cluster), comments)
     record = {"sync_proxy_rules_write_seconds": full["write_seconds"],
               "sync_proxy_rules_load_seconds": full["load_seconds"]}
+    latest = ruleset
     for metric, change in SYNC_METRICS:
-        if change is added_service and len(cluster.services) > ADD_SERVICE_MAX_SERVICES:
-            continue
         if change is None:
             result = full
         else:
-            changed = change(cluster)
-            result = timed_sync(lambda: write_partial(cluster, changed, options), comments, base=ruleset)[1]
-            # Less the writer's render of the previous state, which kube-proxy keeps instead.
-            result["write_seconds"] = max(result["write_seconds"] - full["write_seconds"], 0.0)
-            result["duration_seconds"] = result["write_seconds"] + result["load_seconds"] + result["kernel_seconds"]
+            cluster = change(cluster)
+            latest, result = timed_sync(lambda: syncer.partial(cluster), comments, base=latest)
         for part in ("duration_seconds", "write_seconds", "load_seconds", "kernel_seconds",
                      "operations", "kernel_entries"):
             record[f"{metric}_{part}"] = result[part]

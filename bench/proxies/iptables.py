@@ -417,11 +417,18 @@ class _Buffers:
     nat_chains: list[str] = field(default_factory=list)
     nat_rules: list[str] = field(default_factory=list)
     active_nat_chains: set[str] = field(default_factory=set)
+    port_chains: dict[str, list[str]] = field(default_factory=dict)  # SVC chain → its nat chains
 
 
 def _sync(cluster: Cluster, infos: list[ServicePortInfo], options: WriterOptions,
-          changed: set[str] | None, existing_nat_chains: set[str]) -> _Buffers:
-    """syncProxyRules: ``changed`` None writes every service's chains (a full sync)."""
+          changed: set[str] | None, existing_nat_chains: set[str],
+          kept_chains: dict[str, list[str]] | None = None) -> _Buffers:
+    """syncProxyRules: ``changed`` None writes every service's chains (a full sync).
+
+    A partial sync writes only the chains of services in ``changed``; the others keep the
+    chains the kernel has, which ``kept_chains`` (a service port's SVC chain → its nat chains
+    from the previous sync, as kube-proxy remembers them) names without rendering them again.
+    ``buf.port_chains`` is that mapping after this sync."""
     check_slices(cluster)
     host = host_facts(cluster, options, infos)
     buf = _Buffers(filter_chains=[chain_line(c) for c in FILTER_TOP_CHAINS],
@@ -432,12 +439,14 @@ def _sync(cluster: Cluster, infos: list[ServicePortInfo], options: WriterOptions
     for info in ordered_ports(infos, options.service_order_seed):
         port = plan_port(info, host)
         _write_captures(buf, host, port)
-        chains, rules = _service_chains(host, port)
-        buf.active_nat_chains.update(chains)
-        # A partial sync leaves unchanged services' chains as the kernel has them.
         if changed is None or port.key in changed:
+            chains, rules = _service_chains(host, port)
             buf.nat_chains += [chain_line(c) for c in chains]
             buf.nat_rules += rules
+        else:  # a partial sync leaves unchanged services' chains as the kernel has them
+            chains = kept_chains[port.svc_chain]
+        buf.port_chains[port.svc_chain] = chains
+        buf.active_nat_chains.update(chains)
     _write_stale_chain_deletions(buf, existing_nat_chains)
     _write_nodeports_jump(buf, host)
     _write_forward_chain(buf, host)
@@ -686,10 +695,42 @@ def forward_accept_rules(mark: str) -> list[str]:
 
 # --- payloads --------------------------------------------------------------------------------
 
+class Syncer:
+    """kube-proxy's iptables proxier over successive syncs: a full sync, then partial syncs
+    computed from the state the previous sync left (the services it saw and each one's nat
+    chains, as kube-proxy keeps them), each returning its iptables-restore payload."""
+
+    def __init__(self, options: WriterOptions = WriterOptions()):
+        self.options = options
+        self._ports: list[ServicePortInfo] | None = None
+        self._port_chains: dict[str, list[str]] = {}
+        self._nat_chains: set[str] = set()
+
+    def full(self, cluster: Cluster) -> str:
+        """The full-sync payload (built-in jump rules included when the options say so)."""
+        return _render(self._sync(cluster, full=True), self.options.include_jump_rules)
+
+    def partial(self, cluster: Cluster) -> str:
+        """The partial-sync payload after the last synced cluster became ``cluster``
+        (see :func:`write_partial`)."""
+        if self._ports is None:
+            raise ValueError("a partial sync needs a full sync first")
+        return _render(self._sync(cluster, full=False), jump_rules=False)
+
+    def _sync(self, cluster: Cluster, full: bool) -> _Buffers:
+        ports = service_ports(cluster)
+        if full:
+            buf = _sync(cluster, ports, self.options, changed=None, existing_nat_chains=set())
+        else:
+            buf = _sync(cluster, ports, self.options, changed=changed_services(self._ports, ports),
+                        existing_nat_chains=self._nat_chains, kept_chains=self._port_chains)
+        self._ports, self._port_chains, self._nat_chains = ports, buf.port_chains, buf.active_nat_chains
+        return buf
+
+
 def write_full(cluster: Cluster, options: WriterOptions = WriterOptions()) -> str:
     """The full-sync payload for ``cluster`` on a node that has no kube-proxy chains yet."""
-    buf = _sync(cluster, service_ports(cluster), options, changed=None, existing_nat_chains=set())
-    return _render(buf, options.include_jump_rules)
+    return Syncer(options).full(cluster)
 
 
 def write_partial(previous: Cluster, current: Cluster, options: WriterOptions = WriterOptions()) -> str:
@@ -700,11 +741,9 @@ def write_partial(previous: Cluster, current: Cluster, options: WriterOptions = 
     Built-in jump rules are only ensured on full syncs, so they are never included. A change of
     node or of kube-proxy's configuration makes kube-proxy sync in full: use write_full then.
     """
-    before, after = service_ports(previous), service_ports(current)
-    loaded = _sync(previous, before, options, changed=None, existing_nat_chains=set())
-    buf = _sync(current, after, options, changed=changed_services(before, after),
-                existing_nat_chains=loaded.active_nat_chains)
-    return _render(buf, jump_rules=False)
+    syncer = Syncer(options)
+    syncer.full(previous)
+    return syncer.partial(current)
 
 
 def changed_services(before: list[ServicePortInfo], after: list[ServicePortInfo]) -> set[str]:
