@@ -96,16 +96,25 @@ def complexity(frame: pd.DataFrame) -> pd.DataFrame:
     for workload, metric, data in _series(frame):
         for mode, by_mode in data.dropna(subset=[metric]).groupby("mode", sort=False):
             for against, held in AXES.items():
-                groups = [g for _, g in by_mode.groupby(list(held))]
-                if not groups:
+                best = _widest_series(by_mode, against, list(held))
+                if best is None:
                     continue
-                best = max(groups, key=lambda g: (g[against].nunique(), tuple(g[list(held)].iloc[0])))
                 best = best.groupby(against, as_index=False)[metric].median()
                 row = _fit_row(mode, workload, metric, against, best[against], best[metric])
                 if row:
                     rows.append(row)
     rows += _connection_fits(frame)
     return pd.DataFrame(rows, columns=COMPLEXITY_COLUMNS)
+
+
+def _widest_series(rows: pd.DataFrame, against: str, held: list[str]) -> pd.DataFrame | None:
+    """The rows at the ``held`` values with the most distinct ``against`` sizes (ties: the
+    largest held values)."""
+    if rows.empty:
+        return None
+    sizes = rows.groupby(held)[against].nunique()
+    key = max(sizes.index, key=lambda k: (sizes[k], k))
+    return rows[(rows[held] == key).all(axis=1)]
 
 
 def _connection_fits(frame: pd.DataFrame) -> list[dict]:

@@ -54,17 +54,18 @@ def kernel_speed(services: int = 10000, endpoints: int = 10, packets: int = 300,
                  "nonservice": pod_connections(cluster, packets, seed + 1)}
     record = {"kind": "benchmark", "benchmark": "kernel_speed", "services": services,
               "endpoints": endpoints, "packets": packets, "seed": seed, "identical_results": True}
+    tables = {backend: kernels.load("iptables", backend).Table.from_compiled(ruleset.tables["nat"], local, seed=seed)
+              for backend in ("cython", "python")}
     for workload, batch in workloads.items():
         cpu, outputs = {}, {}
-        for backend in ("cython", "python"):
-            table = kernels.load("iptables", backend).Table.from_compiled(ruleset.tables["nat"], local, seed=seed)
+        for backend, table in tables.items():
+            table.reseed(seed)
             outputs[backend], ns, cpu[backend] = _walk(table, batch)
             record[f"{workload}_{backend}_ns_p50"] = float(np.median(ns))
             record[f"{workload}_{backend}_cpu_ns_mean"] = cpu[backend]
         record[f"{workload}_speedup"] = cpu["python"] / max(cpu["cython"], 1.0)
         record["identical_results"] &= bool(np.array_equal(outputs["cython"], outputs["python"]))
-    compiled = kernels.load("iptables", "cython").Table.from_compiled(ruleset.tables["nat"], local, seed=seed)
-    results, ns, _ = _walk(compiled, pod_connections(cluster, 20 * packets, seed + 2))
+    results, ns, _ = _walk(tables["cython"], pod_connections(cluster, 20 * packets, seed + 2))
     record["ns_per_visited_entry"] = float(ns.sum() / results["entries_visited"].sum())
     return record
 
