@@ -52,7 +52,7 @@ PROFILES = {
     # nftables also run at 50,000 services with one endpoint each (their first packet does not
     # scan the services, so those points stay quick): IPVS shows its 256-bucket table's chains,
     # nftables its flat rule count. nftables also runs 250 endpoints per service.
-    "default": {"packets": 5000, "ipvs_connections": [10_000, 100_000, 1_000_000],
+    "default": {"packets": 5000, "ipvs_connections": [10_000, 100_000, 300_000],
                 "axes": {"services": SERVICES_AXIS, "endpoints": [1, 10], "nodes": [100]}, "blocks": [
         {"services": SERVICES_AXIS, "endpoints": [10], "nodes": [100], "modes": WHOLE_AXIS_MODES},
         {"services": [100, 1000, 5000], "endpoints": [1], "nodes": [100], "modes": WHOLE_AXIS_MODES},

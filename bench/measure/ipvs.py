@@ -5,9 +5,9 @@ IPVS-mode points record, besides what iptables points do, the IPVS work per pack
 (service-table and connection-table entries compared, destinations examined), memory by part
 and the sync and update costs of bench/costs/ipvs.py. The service-table compares grow like
 V/512 with V virtual services (256 fixed chains). :func:`connection_scaling` shows the
-connection table's growth, connections/8192 per established packet, at up to 1,000,000
-connections (the default profile; 100,000 in quick): with no rule set involved it takes a few
-seconds, so the largest size stays in.
+connection table's growth, connections/8192 per established packet, at up to 300,000
+connections in the default profile (1,000,000 in full, about 17 s: each new connection first
+searches its chain, so filling the table takes time quadratic in the connections).
 """
 from __future__ import annotations
 
