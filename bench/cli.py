@@ -71,8 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
                                   "  default  services 100..20,000 (ipvs ..50,000) × E 1, 10 at 100 nodes; "
                                   "E 3, 30;\n"
                                   "           nodes 1,000 and 5,000 and the variants at 1,000 services (a few minutes)\n"
-                                  "  full     services to 100,000 (1,000,000 endpoints; iptables-nft and userspace\n"
-                                  "           to 20,000), nodes to 10,000 (about half an hour, under 8 GiB)\n"
+                                  "  full     services to 100,000 (1,000,000 endpoints; ipvs to 50,000, iptables-nft\n"
+                                  "           and userspace to 20,000), nodes to 10,000 (about half an hour, under 8 GiB)\n"
                                   "variants (--variants MODE:KEY=VALUE):\n"
                                   "  iptables:comments=off   no rule comments at all\n"
                                   "  ipvs:scheduler=NAME     rr, wrr, lc, wlc, sh, dh, mh, sed, nq")

@@ -13,7 +13,7 @@ import bench
 from bench.cli import main
 from bench.errors import InputError
 from bench.results import ResultsWriter, drop_torn_tail, read_jsonl
-from bench.sweep import (MODES, PROFILES, Point, check_memory, estimate_point_bytes, finished_points, grid,
+from bench.sweep import (FULL_MAX_SERVICES, MODES, PROFILES, Point, check_memory, estimate_point_bytes, finished_points, grid,
                          profile_points)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -48,7 +48,7 @@ def test_profiles_reach_their_sizes():
     full = profile_points("full", MODES, seed=0)
     for mode in MODES:
         mine = [p for p in full if p.mode == mode]
-        assert max(p.services for p in mine) == (20_000 if mode in ("iptables-nft", "userspace") else 100_000)
+        assert max(p.services for p in mine) == FULL_MAX_SERVICES.get(mode, 100_000)
         assert max(p.nodes for p in mine) == 10_000
     assert max(p.services * p.endpoints for p in full) == 1_000_000
     assert max(p.nodes for p in full) == 10_000
