@@ -7,6 +7,7 @@ import json
 import math
 import re
 from collections import Counter
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -663,3 +664,21 @@ def test_primary_node_port_addresses_are_the_node_ips(tmp_path):
     with pytest.raises(InputError, match="primary") as raised:
         load_cluster(objects, config)  # no --node-ip and no Node object for node-a
     assert raised.value.field == "nodePortAddresses"
+
+
+def test_service_ports_are_resolved_once_per_cluster_and_again_after_a_change():
+    cluster = generate(20, 2, 3, seed=4)
+    assert service_ports(cluster) is service_ports(cluster)
+    gone = cluster.services[-1].name
+    changed = replace(cluster, services=cluster.services[:-1],
+                      slices=[s for s in cluster.slices if s.service_name != gone])
+    assert len(service_ports(changed)) < len(service_ports(cluster))
+    assert all(info.service.name != gone for info in service_ports(changed))
+
+
+def test_a_copied_cluster_changed_in_place_gets_its_own_service_ports():
+    cluster = generate(20, 2, 3, seed=4)
+    before = service_ports(cluster)
+    changed = copy.deepcopy(cluster)
+    changed.services.pop()
+    assert len(service_ports(changed)) < len(before) == len(service_ports(cluster))

@@ -7,6 +7,7 @@ entry per service port with its endpoints resolved and categorised.
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 
 CLUSTER_IP, NODE_PORT, LOAD_BALANCER = "ClusterIP", "NodePort", "LoadBalancer"
@@ -176,7 +177,24 @@ def service_ports(cluster: Cluster) -> list[ServicePortInfo]:
 
     An EndpointSlice port matches a service port by name (kube-proxy's rule); the endpoint's
     port is the slice's port number. Headless services (no clusterIP) are skipped.
+
+    Writers, loaders and workloads all ask for this, so it is kept while the cluster lives and
+    its services and slices lists are the same objects (a changed cluster is a new one, made
+    with dataclasses.replace or a copy). The list is shared: do not change it.
     """
+    entry = _RESOLVED.get(id(cluster))
+    if entry is None or entry[0] is not cluster.services or entry[1] is not cluster.slices:
+        if entry is None:
+            weakref.finalize(cluster, _RESOLVED.pop, id(cluster), None)
+        entry = _RESOLVED[id(cluster)] = (cluster.services, cluster.slices, _resolve_ports(cluster))
+    return entry[2]
+
+
+# id(cluster) → (its services list, its slices list, its service ports), while the cluster lives.
+_RESOLVED: dict[int, tuple] = {}
+
+
+def _resolve_ports(cluster: Cluster) -> list[ServicePortInfo]:
     by_service: dict[tuple[str, str], list[EndpointSlice]] = {}
     for eps in cluster.slices:
         by_service.setdefault((eps.namespace, eps.service_name), []).append(eps)
