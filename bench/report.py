@@ -68,9 +68,6 @@ def load_results(path: Path) -> pd.DataFrame:
         raise InputError("is a directory, not a results.jsonl file", name) from None
     except UnicodeDecodeError:
         raise InputError("not UTF-8 text, so not a kpbench results file", name) from None
-    except ValueError as exc:
-        raise InputError(f"not JSON Lines (truncated, or not a kpbench results file): {exc.args[0]}",
-                         name) from None
     except OSError as exc:
         raise InputError(f"cannot read: {exc.strerror}", name) from None
     return results_frame(records, name)

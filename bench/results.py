@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from bench.errors import InputError
+
 import bench
 import kernels
 
@@ -119,8 +121,18 @@ def _jsonable(value):
 
 
 def read_jsonl(path: Path) -> list[dict]:
+    """The records of a JSON Lines file; a line that is not JSON is an InputError naming it."""
+    records = []
     with Path(path).open() as fh:
-        return [json.loads(line) for line in fh if line.strip()]
+        for number, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except ValueError as exc:
+                raise InputError(f"not JSON Lines (truncated, or not a kpbench results file): {exc.args[0]}",
+                                 f"{path}:{number}") from None
+    return records
 
 
 def results_frame(records: list[dict]) -> pd.DataFrame:

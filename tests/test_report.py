@@ -147,7 +147,8 @@ def _older(records):
 
 @pytest.mark.parametrize("name, content, fragments", [
     ("empty", lambda records: "", ["is empty"]),
-    ("truncated", lambda records: "".join(json.dumps(r) + "\n" for r in records)[:-40], ["not JSON Lines"]),
+    ("truncated", lambda records: "".join(json.dumps(r) + "\n" for r in records)[:-40],
+     ["results.jsonl:6:", "not JSON Lines"]),
     ("foreign", lambda records: '{"apiVersion": "v1", "kind": "List"}\n', ["record 1", "not a kpbench"]),
     ("yaml", lambda records: "apiVersion: v1\nkind: Service\n", ["not JSON Lines"]),
     ("older", lambda records: "".join(json.dumps(r) + "\n" for r in _older(records)),
