@@ -113,17 +113,17 @@ def test_planted_counter_change_fails_naming_metric_values_and_ratio(baseline_di
 
 def test_extra_rule_per_service_in_the_writer_fails_tier_1(baseline_dir, tmp_path, monkeypatch, capsys):
     """A writer that emits every KUBE-SERVICES jump twice: more rules, more entries walked."""
-    writer = iptables_measure.write_full
+    writer = iptables_measure.Syncer.full
 
-    def doubled(cluster, options):
+    def doubled(syncer, cluster):
         lines = []
-        for line in writer(cluster, options).splitlines():
+        for line in writer(syncer, cluster).splitlines():
             lines.append(line)
             if line.startswith("-A KUBE-SERVICES ") and "-j KUBE-SVC-" in line:
                 lines.append(line)
         return "\n".join(lines) + "\n"
 
-    monkeypatch.setattr(iptables_measure, "write_full", doubled)
+    monkeypatch.setattr(iptables_measure.Syncer, "full", doubled)
     assert gate_run(baseline_dir, tmp_path) == 1
     failed = {r["metric"].rsplit(" ", 1)[-1] for r in
               json.loads((tmp_path / "out" / "gate.json").read_text())["rows"] if r["verdict"] == "fail"}
