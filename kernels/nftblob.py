@@ -59,6 +59,8 @@ from kernels import layout as L
 from kernels.layout import kmalloc_size
 from kernels.reference.hashing import SplitMix64
 
+Packed = tuple[bytes, int]  # ops packed as in the blob, and their kernel expression bytes
+
 _HEADER = struct.Struct("<HBxI")
 _OP = struct.Struct("<BBBBIII")
 assert _HEADER.size == L.NFT_RULE_DP_BYTES and _OP.size == L.NFT_OP_BYTES
@@ -309,18 +311,16 @@ def _compile_changes(c: CompiledNft, table: ast.Table, changes: ast.TableChanges
     return patch
 
 
-class _Ids:
-    """Chain or set name → id after a patch: the new objects' ids from ``first`` on, else the
-    compiled table's ids (looked up, never copied: O(changed objects))."""
+class _Ids(dict):
+    """Chain or set name → id after a patch: the new objects' ids from ``first`` on (held),
+    else the compiled table's ids (looked up, never copied: O(changed objects))."""
 
     def __init__(self, known: dict, first: int, new: list[str], deleted: list[str]):
+        super().__init__({name: first + i for i, name in enumerate(new)})
         self.known = known
-        self.new = {name: first + i for i, name in enumerate(new)}
         self.deleted = set(deleted)
 
-    def __getitem__(self, name: str) -> int:
-        if name in self.new:
-            return self.new[name]
+    def __missing__(self, name: str) -> int:
         if name in self.deleted:
             raise KeyError(name)
         return self.known[name]
@@ -378,7 +378,7 @@ class _Compiler:
 
     # ---- rules -----------------------------------------------------------------------------
 
-    def rule_body(self, rule: ast.Rule) -> tuple[bytes, int]:
+    def rule_body(self, rule: ast.Rule) -> Packed:
         """The rule's packed ops and their kernel expression bytes. Thousands of rules share
         expressions (``jump mark-for-masquerade``, ``meta l4proto tcp``…): those are packed
         once per compile."""
@@ -386,119 +386,133 @@ class _Compiler:
         cache = self.cache
         for expr in rule.exprs:
             kind = type(expr)
-            packed = None
             if kind in _CACHEABLE and (kind is not ast.Payload and kind is not ast.Meta
                                        or type(expr.value) is not ast.AnonSet):
                 packed = cache.get(expr)
                 if packed is None:
                     if len(cache) >= _CACHE_MAX:
                         cache.clear()
-                    packed = cache[expr] = _packed(self.expr_ops(expr))
+                    packed = cache[expr] = self.expr_packed(expr)
             else:
-                packed = _packed(self.expr_ops(expr))
+                packed = self.expr_packed(expr)
             parts.append(packed[0])
             size += packed[1]
         return b"".join(parts), size
 
-    def expr_ops(self, e) -> list[tuple]:
-        if isinstance(e, ast.Payload):
-            return self.match_ops(e.field, e.op, e.value)
-        if isinstance(e, ast.Meta):
-            return self.match_ops("meta " + e.key, e.op, e.value)
-        if isinstance(e, ast.MarkCheck):
-            return [_op(L.NFT_OP_META, 0, a=L.NFT_META_MARK),
-                    _op(L.NFT_OP_CMP, 0, 4, _neq(e.op), a=e.value & e.mask, b=e.mask)]
-        if isinstance(e, ast.MarkSet):
-            and_mask, xor = {"set": (0, e.value), "or": (~e.value & 0xFFFFFFFF, e.value),
-                             "xor": (0xFFFFFFFF, e.value), "and": (e.value, 0)}[e.op]
-            return [_op(L.NFT_OP_MARK_SET, a=and_mask, b=xor)]
-        if isinstance(e, ast.CtState):
-            mask = sum(_CT_BITS[s] for s in e.states)
-            # `ct state new` is (state & mask) != 0: the kernel's bitwise + cmp neq 0.
-            flags = 0 if e.op == "!=" else L.NFT_F_NEQ
-            return [_op(L.NFT_OP_CT_STATE, 0), _op(L.NFT_OP_CMP, 0, 4, flags, a=0, b=mask)]
-        if isinstance(e, ast.Fib):
-            if e.type != "local":
-                raise ValueError(f"fib type {e.type} is not modelled")
-            which = L.NFT_FIELD_SADDR if e.which == "saddr" else L.NFT_FIELD_DADDR
-            return [_op(L.NFT_OP_FIB_LOCAL, 0, 0, _neq(e.op), a=which)]
-        if isinstance(e, ast.Lookup):
-            return self.lookup_ops(e)
-        if isinstance(e, ast.AnonVmap):
-            return self.load_keys(e.keys) + [self.hmap_lookup(e.elements, _key_len(e.keys), e.keys)]
-        if isinstance(e, ast.Numgen):
-            return [_op(L.NFT_OP_NUMGEN, 0, a=e.mod, b=e.offset),
-                    self.hmap_lookup(e.elements, 4, None)]
-        if isinstance(e, ast.Dnat):
-            return [_op(L.NFT_OP_DNAT, a=e.address, b=e.port or 0)]
-        if isinstance(e, ast.Masquerade):
-            return [_op(L.NFT_OP_MASQUERADE)]
-        if isinstance(e, ast.UpdateSet):
-            s = self.table.sets[e.set]
-            return self.load_keys((e.key,)) + [_op(L.NFT_OP_DYNSET, 0, _key_len((e.key,)),
-                                                   a=self.set_ids[e.set], b=s.timeout or 0)]
-        if isinstance(e, ast.Counter):
-            return [_op(L.NFT_OP_COUNTER)]
-        if isinstance(e, ast.Verdict):
-            return [_op(L.NFT_OP_VERDICT, a=self.verdict(e))]
-        if hasattr(e, "nft_ops"):  # defined outside the nft AST: iptables-nft's xt compat
-            return e.nft_ops()  # expressions (bench/loaders/iptables_nft.py) give their own ops
+    def expr_packed(self, e) -> Packed:
+        pack = _PACKERS.get(type(e))
+        if pack is not None:
+            return pack(self, e)
+        # Defined outside the nft AST, iptables-nft's xt compat expressions
+        # (bench/loaders/iptables_nft.py) give their own ops.
+        if hasattr(e, "nft_ops"):
+            return _joined([_pack(*op) for op in e.nft_ops()])
         raise ValueError(f"{type(e).__name__} is not modelled")
 
-    def match_ops(self, selector: str, op: str, value) -> list[tuple]:
+    def payload(self, e: ast.Payload) -> Packed:
+        return self.match(e.field, e.op, e.value)
+
+    def meta(self, e: ast.Meta) -> Packed:
+        return self.match("meta " + e.key, e.op, e.value)
+
+    def mark_check(self, e: ast.MarkCheck) -> Packed:
+        return _concat(_pack(L.NFT_OP_META, 0, a=L.NFT_META_MARK),
+                       _pack(L.NFT_OP_CMP, 0, 4, _neq(e.op), a=e.value & e.mask, b=e.mask))
+
+    def mark_set(self, e: ast.MarkSet) -> Packed:
+        and_mask, xor = {"set": (0, e.value), "or": (~e.value & 0xFFFFFFFF, e.value),
+                         "xor": (0xFFFFFFFF, e.value), "and": (e.value, 0)}[e.op]
+        return _pack(L.NFT_OP_MARK_SET, a=and_mask, b=xor)
+
+    def ct_state(self, e: ast.CtState) -> Packed:
+        mask = sum(_CT_BITS[s] for s in e.states)
+        # `ct state new` is (state & mask) != 0: the kernel's bitwise + cmp neq 0.
+        flags = 0 if e.op == "!=" else L.NFT_F_NEQ
+        return _concat(_pack(L.NFT_OP_CT_STATE, 0), _pack(L.NFT_OP_CMP, 0, 4, flags, a=0, b=mask))
+
+    def fib(self, e: ast.Fib) -> Packed:
+        if e.type != "local":
+            raise ValueError(f"fib type {e.type} is not modelled")
+        which = L.NFT_FIELD_SADDR if e.which == "saddr" else L.NFT_FIELD_DADDR
+        return _pack(L.NFT_OP_FIB_LOCAL, 0, 0, _neq(e.op), a=which)
+
+    def lookup(self, e: ast.Lookup) -> Packed:
+        s = self.table.sets[e.set]
+        flags = _neq(e.op) | (L.NFT_F_VMAP if e.vmap else 0) | (L.NFT_F_TIMEOUT if s.timeout else 0)
+        return _concat(self.load_keys(e.keys), _pack(L.NFT_OP_LOOKUP, 0, _key_len(e.keys), flags,
+                                                     a=self.set_ids[e.set]))
+
+    def anon_vmap(self, e: ast.AnonVmap) -> Packed:
+        return _concat(self.load_keys(e.keys), self.hmap_lookup(e.elements, _key_len(e.keys), e.keys))
+
+    def numgen(self, e: ast.Numgen) -> Packed:
+        return _concat(_pack(L.NFT_OP_NUMGEN, 0, a=e.mod, b=e.offset), self.hmap_lookup(e.elements, 4, None))
+
+    def dnat(self, e: ast.Dnat) -> Packed:
+        return _pack(L.NFT_OP_DNAT, a=e.address, b=e.port or 0)
+
+    def masquerade(self, e: ast.Masquerade) -> Packed:
+        return _pack(L.NFT_OP_MASQUERADE)
+
+    def update_set(self, e: ast.UpdateSet) -> Packed:
+        s = self.table.sets[e.set]
+        return _concat(self.load_keys((e.key,)), _pack(L.NFT_OP_DYNSET, 0, _key_len((e.key,)),
+                                                       a=self.set_ids[e.set], b=s.timeout or 0))
+
+    def counter(self, e: ast.Counter) -> Packed:
+        return _pack(L.NFT_OP_COUNTER)
+
+    def verdict_op(self, e: ast.Verdict) -> Packed:
+        return _pack(L.NFT_OP_VERDICT, a=self.verdict(e))
+
+    def match(self, selector: str, op: str, value) -> Packed:
         """A selector compared with a value, a prefix or an anonymous set."""
-        ops = self.load_keys((selector,))
+        load = self.load_keys((selector,))
         width = _WIDTHS[ast.SELECTOR_TYPES[selector]]
         if isinstance(value, ast.AnonSet):
             items = [(v.network, v.network | (~v.mask & 0xFFFFFFFF)) if isinstance(v, ast.Prefix)
                      else (v, v) for v in value.items]
             self.ranges.append(items)
-            return ops + [_op(L.NFT_OP_RANGESET, 0, width, _neq(op), a=self.first_range + len(self.ranges) - 1)]
+            return _concat(load, _pack(L.NFT_OP_RANGESET, 0, width, _neq(op),
+                                       a=self.first_range + len(self.ranges) - 1))
         network, mask = (value.network, value.mask) if isinstance(value, ast.Prefix) \
             else (value, (1 << 8 * width) - 1)
-        return ops + [_op(L.NFT_OP_CMP, 0, width, _neq(op), a=_reg_bytes(network, width),
-                          b=_reg_bytes(mask, width))]
+        return _concat(load, _pack(L.NFT_OP_CMP, 0, width, _neq(op), a=_reg_bytes(network, width),
+                                   b=_reg_bytes(mask, width)))
 
-    def load_keys(self, selectors) -> list[tuple]:
+    def load_keys(self, selectors) -> Packed:
         """Load each selector into the next register (plus nft's l4proto dependency of a
         ``tcp|udp|sctp dport`` match, which only a lone compare carries)."""
-        ops = self.key_ops.get(selectors)
-        if ops is None:
-            ops = self.key_ops[selectors] = self._load_keys(selectors)
-        return list(ops)
+        packed = self.key_ops.get(selectors)
+        if packed is None:
+            packed = self.key_ops[selectors] = _joined(self._load_keys(selectors))
+        return packed
 
-    def _load_keys(self, selectors) -> list[tuple]:
+    def _load_keys(self, selectors) -> list[Packed]:
         ops = []
         for reg, selector in enumerate(selectors):
             proto, _, name = selector.partition(" ")
             if proto in _PORT_PROTOCOLS and len(selectors) == 1:
-                ops += [_op(L.NFT_OP_META, reg, a=L.NFT_META_L4PROTO),
-                        _op(L.NFT_OP_CMP, reg, 1, 0, a=_PORT_PROTOCOLS[proto], b=0xFF)]
+                ops += [_pack(L.NFT_OP_META, reg, a=L.NFT_META_L4PROTO),
+                        _pack(L.NFT_OP_CMP, reg, 1, 0, a=_PORT_PROTOCOLS[proto], b=0xFF)]
             if selector == "meta l4proto":
-                ops.append(_op(L.NFT_OP_META, reg, a=L.NFT_META_L4PROTO))
+                ops.append(_pack(L.NFT_OP_META, reg, a=L.NFT_META_L4PROTO))
             elif selector == "meta mark":
-                ops.append(_op(L.NFT_OP_META, reg, a=L.NFT_META_MARK))
+                ops.append(_pack(L.NFT_OP_META, reg, a=L.NFT_META_MARK))
             else:
-                ops.append(_op(L.NFT_OP_PAYLOAD, reg, a=_PAYLOAD_FIELDS[name]))
+                ops.append(_pack(L.NFT_OP_PAYLOAD, reg, a=_PAYLOAD_FIELDS[name]))
         return ops
-
-    def lookup_ops(self, e: ast.Lookup) -> list[tuple]:
-        s = self.table.sets[e.set]
-        flags = _neq(e.op) | (L.NFT_F_VMAP if e.vmap else 0) | (L.NFT_F_TIMEOUT if s.timeout else 0)
-        return self.load_keys(e.keys) + [_op(L.NFT_OP_LOOKUP, 0, _key_len(e.keys), flags,
-                                             a=self.set_ids[e.set])]
 
     def verdict(self, v: ast.Verdict) -> int:
         return verdict_code(_VERDICT_KINDS[v.kind], self.chain_ids[v.chain] if v.chain else 0)
 
     # ---- anonymous maps (hash_fast / hash) and sets (ranges) -------------------------------
 
-    def hmap_lookup(self, elements: dict, klen: int, selectors) -> tuple:
-        items = [(_key_bytes(k, selectors), self.verdict(v)) for k, v in elements.items()]
-        keys = np.frombuffer(b"".join(k for k, _ in items), dtype=np.uint8).reshape(len(items), klen).copy()
-        self.hmaps.append(AnonMap(klen, self.hmap_seed(), keys,
-                                  np.array([v for _, v in items], dtype=np.uint32)))
-        return _op(L.NFT_OP_HMAP_VMAP, 0, klen, 0, a=self.first_hmap + len(self.hmaps) - 1)
+    def hmap_lookup(self, elements: dict, klen: int, selectors) -> Packed:
+        keys = _key_rows([_key_bytes(k, selectors) for k in elements], klen)
+        verdicts = np.array([self.verdict(v) for v in elements.values()], dtype=np.uint32)
+        self.hmaps.append(AnonMap(klen, self.hmap_seed(), keys, verdicts))
+        return _pack(L.NFT_OP_HMAP_VMAP, 0, klen, 0, a=self.first_hmap + len(self.hmaps) - 1)
 
     def hmap_seed(self) -> int:
         """nft_hash_init's seed for the next anonymous map: drawn from the compile seed, the
@@ -518,12 +532,26 @@ class _Compiler:
                         np.array(values, dtype=np.uint32))
 
 
-def _packed(ops: list[tuple]) -> tuple[bytes, int]:
-    return b"".join(_OP.pack(*op) for op in ops), sum(L.NFT_EXPR_BYTES[op[0]] for op in ops)
+# How each expression is packed (a _Compiler method): by the expression's class.
+_PACKERS = {ast.Payload: _Compiler.payload, ast.Meta: _Compiler.meta, ast.MarkCheck: _Compiler.mark_check,
+            ast.MarkSet: _Compiler.mark_set, ast.CtState: _Compiler.ct_state, ast.Fib: _Compiler.fib,
+            ast.Lookup: _Compiler.lookup, ast.AnonVmap: _Compiler.anon_vmap, ast.Numgen: _Compiler.numgen,
+            ast.Dnat: _Compiler.dnat, ast.Masquerade: _Compiler.masquerade, ast.UpdateSet: _Compiler.update_set,
+            ast.Counter: _Compiler.counter, ast.Verdict: _Compiler.verdict_op}
 
 
-def _op(kind: int, reg: int = 0, length: int = 0, flags: int = 0, a: int = 0, b: int = 0, c: int = 0) -> tuple:
-    return (kind, reg, length, flags, a & 0xFFFFFFFF, b & 0xFFFFFFFF, c & 0xFFFFFFFF)
+def _pack(kind: int, reg: int = 0, length: int = 0, flags: int = 0, a: int = 0, b: int = 0, c: int = 0) -> Packed:
+    """One op, packed, and its kernel expression bytes."""
+    return (_OP.pack(kind, reg, length, flags, a & 0xFFFFFFFF, b & 0xFFFFFFFF, c & 0xFFFFFFFF),
+            L.NFT_EXPR_BYTES[kind])
+
+
+def _concat(first: Packed, second: Packed) -> Packed:
+    return first[0] + second[0], first[1] + second[1]
+
+
+def _joined(ops: list[Packed]) -> Packed:
+    return b"".join([packed for packed, _ in ops]), sum([size for _, size in ops])
 
 
 def _neq(op: str) -> int:

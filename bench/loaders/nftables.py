@@ -377,6 +377,19 @@ _TIME = re.compile(r"(?:([0-9]{1,6})d)?(?:([0-9]{1,6})h)?(?:([0-9]{1,6})m)?"
 _PRIORITY = re.compile(r"(-?[0-9]{1,10})|([a-z]+)(?:([+-])([0-9]{1,10}))?")
 
 
+def _is_plain(line: str) -> bool:
+    """Whether ``line`` has no punctuation, string or comment: its tokens are its words."""
+    return not ('"' in line or "#" in line or "{" in line or "}" in line or ";" in line or "," in line)
+
+
+def _is_one_statement(tokens: list[str]) -> bool:
+    """Whether a line's ``tokens`` end where they start: no ';', at most one '{ … }' pair."""
+    if ";" in tokens:
+        return False
+    opened = tokens.count("{")
+    return opened == tokens.count("}") and (opened == 0 or (opened == 1 and tokens.index("{") < tokens.index("}")))
+
+
 def _tokens(line: str) -> list[str]:
     if '"' not in line and "#" not in line:
         # Padding the punctuation and splitting is a third of the cost of the regex.
@@ -473,25 +486,26 @@ class _Cursor:
         return self.tokens[self.i] if self.i < len(self.tokens) else None
 
     def take(self, what: str = "more") -> str:
-        if self.i >= len(self.tokens):
+        i = self.i
+        if i >= len(self.tokens):
             raise InputError(f"unexpected end: expected {what}")
-        token = self.tokens[self.i]
-        self.i += 1
-        return token
+        self.i = i + 1
+        return self.tokens[i]
 
     def expect(self, *words: str) -> str:
-        token = self.peek()
+        i = self.i
+        token = self.tokens[i] if i < len(self.tokens) else None
         if token not in words:
             found = "the end" if token is None else repr(token)
             raise InputError(f"expected {' or '.join(map(repr, words))}, not {found}", field=token or "")
-        self.i += 1
+        self.i = i + 1
         return token
 
     def accept(self, *words: str) -> str | None:
-        token = self.peek()
-        if token in words:
-            self.i += 1
-            return token
+        i = self.i
+        if i < len(self.tokens) and self.tokens[i] in words:
+            self.i = i + 1
+            return self.tokens[i]
         return None
 
     def done(self) -> bool:
@@ -501,7 +515,7 @@ class _Cursor:
 # ---- rule expressions ----------------------------------------------------------------------
 
 _VERDICTS: dict[tuple[str, str | None], Verdict] = {}
-_VERDICT_CACHE_MAX = 4096
+_SHARED_MAX = 4096  # entries kept by each table of shared ops (_VERDICTS, _SIMPLE_MATCHES)
 
 
 def _verdict(kind: str, chain: str | None = None) -> Verdict:
@@ -509,7 +523,7 @@ def _verdict(kind: str, chain: str | None = None) -> Verdict:
     key = (kind, chain)
     verdict = _VERDICTS.get(key)
     if verdict is None:
-        if len(_VERDICTS) >= _VERDICT_CACHE_MAX:
+        if len(_VERDICTS) >= _SHARED_MAX:
             _VERDICTS.clear()
         verdict = _VERDICTS[key] = Verdict(kind, chain)
     return verdict
@@ -597,15 +611,30 @@ def _match(cur: _Cursor, first: str):
         return Lookup(keys, _set_reference(token), op, False)
     if len(keys) > 1:
         raise InputError("a concatenation can only be looked up in a set or map", field=" . ".join(keys))
-    selector = keys[0]
-    type_ = SELECTOR_TYPES[selector]
     if token == "{":
-        value = _anonymous_set(cur, type_)
-    else:
-        value = _MATCH_PARSERS[type_](token)
+        return _value_match(keys[0], op, _anonymous_set(cur, SELECTOR_TYPES[keys[0]]))
+    return _simple_match(keys[0], op, token)
+
+
+def _value_match(selector: str, op: str, value):
     if selector == "meta l4proto":
         return Meta("l4proto", op, value)
     return Payload(selector, op, value)
+
+
+_SIMPLE_MATCHES: dict[tuple[str, str, str], Payload | Meta] = {}
+
+
+def _simple_match(selector: str, op: str, token: str):
+    """``selector op token``, one value. Thousands of rules repeat one (``meta l4proto tcp``,
+    ``ip saddr != 10.0.0.0/8``): the op is made once and shared, as it is immutable."""
+    key = (selector, op, token)
+    match = _SIMPLE_MATCHES.get(key)
+    if match is None:
+        if len(_SIMPLE_MATCHES) >= _SHARED_MAX:
+            _SIMPLE_MATCHES.clear()
+        match = _SIMPLE_MATCHES[key] = _value_match(selector, op, _MATCH_PARSERS[SELECTOR_TYPES[selector]](token))
+    return match
 
 
 def _vmap(cur: _Cursor, keys: tuple[str, ...]):
@@ -630,10 +659,6 @@ def _set_reference(token: str) -> str:
     if token[:1] != "@":
         raise InputError(f"expected @set, not {token!r}", field=token)
     return _name(token[1:], "set")
-
-
-def _ip(cur: _Cursor):
-    return _match(cur, "ip")
 
 
 def _meta(cur: _Cursor):
@@ -664,12 +689,6 @@ def _mark(cur: _Cursor):
         mask = _u32(cur.take("a mask"))
     op = _comparison(cur)
     return MarkCheck(mask, op, _u32(cur.take("a mark")))
-
-
-def _ports(first: str):
-    def parse(cur: _Cursor):
-        return _match(cur, first)
-    return parse
 
 
 def _ct(cur: _Cursor):
@@ -757,12 +776,12 @@ def _reject(cur: _Cursor):
     return _verdict("reject")
 
 
-# A rule statement, by its first word: parse(cursor after that word) → op.
+# A rule statement, by its first word: parse(cursor after that word) → op. Matches
+# (``ip daddr …``) and verdicts are parsed apart, as they need the word.
+_MATCH_WORDS = frozenset(("ip", "th", "tcp", "udp", "sctp"))
 _STATEMENTS = {
-    "ip": _ip, "meta": _meta, "mark": _mark, "ct": _ct, "fib": _fib, "numgen": _numgen,
-    "th": _ports("th"), "tcp": _ports("tcp"), "udp": _ports("udp"), "sctp": _ports("sctp"),
-    "dnat": _dnat, "masquerade": _masquerade, "counter": _counter, "update": _update, "add": _update,
-    "reject": _reject,
+    "meta": _meta, "mark": _mark, "ct": _ct, "fib": _fib, "numgen": _numgen, "dnat": _dnat,
+    "masquerade": _masquerade, "counter": _counter, "update": _update, "add": _update, "reject": _reject,
 }
 _VERDICT_WORDS = frozenset(("accept", "drop", "return", "continue", "jump", "goto"))
 
@@ -786,6 +805,9 @@ def _parse_rule(cur: _Cursor, line: int) -> Rule:
             return _rule(exprs, comment, line)
         if exprs and _is_verdict(exprs[-1]):
             raise InputError(f"{word!r} after the rule's verdict", field=word)
+        if word in _MATCH_WORDS:
+            exprs.append(_match(cur, word))
+            continue
         if word in _VERDICT_WORDS:
             exprs.append(_parse_verdict(cur, word))
             continue
@@ -1044,18 +1066,21 @@ class _Loader:
         return NftRuleset({key: state.table for key, state in self.tables.items()}, self.source)
 
     def _line(self, line: str, number: int) -> None:
-        tokens = _tokens(line)
+        plain = not self.statement and _is_plain(line)
+        tokens = line.split() if plain else _tokens(line)
         if not tokens:
             return
         if self.depth:  # the statement goes on here
             self.breaks.append((len(self.statement), number))
-        if not self.statement and "{" not in tokens and "}" not in tokens and ";" not in tokens:
+        if plain or (not self.statement and _is_one_statement(tokens)
+                     and ("{" not in tokens or not self._opens_block(tokens))):
+            # One whole statement, as nearly every line is: no need to follow it token by token.
             self.statement_line = number
             self._statement(tokens, number)
             return
         for token in tokens:
             if token == "{":
-                if self.depth == 0 and self._opens_block():
+                if self.depth == 0 and self._opens_block(self.statement):
                     self._open_block(number)
                     continue
                 self.depth += 1
@@ -1094,8 +1119,8 @@ class _Loader:
         return self.breaks[position - 1][1] if position else self.statement_line
 
     # -- blocks --
-    def _opens_block(self) -> bool:
-        words = self.statement
+    def _opens_block(self, words: list[str]) -> bool:
+        """Whether a '{' after ``words`` opens a block (else it opens an anonymous set or map)."""
         if not words:
             return False
         if not self.blocks:
@@ -1693,6 +1718,9 @@ def _find_loop(table: Table, roots) -> list[str] | None:
     done: set[str] = set()
     for root in roots:
         if root not in done and root in table.chains:
+            if edges[root] <= done:  # most chains: leads only to chains already cleared
+                done.add(root)
+                continue
             loop = _loop_from(root, edges, done)
             if loop:
                 return loop
@@ -1743,6 +1771,9 @@ def _loop_from(root: str, edges: dict[str, set[str]], done: set[str]) -> list[st
         elif target in on_path:
             return path[path.index(target):] + [target]
         elif target not in done:
+            if edges[target] <= done:  # leads only to cleared chains: on no loop either
+                done.add(target)
+                continue
             path.append(target)
             on_path.add(target)
             pending.append(iter(edges[target]))
