@@ -20,15 +20,16 @@ import numpy as np
 from kernels import layout as L
 
 
-@dataclass
+@dataclass(slots=True)
 class Match:
     kind: int  # L.MATCH_*
     args: dict = field(default_factory=dict)
 
 
-@dataclass
+@dataclass(slots=True)
 class Rule:
-    """One ``-A`` line, parsed. Addresses and masks are host-order integers."""
+    """One ``-A`` line, parsed. Addresses and masks are host-order integers. The loader shares
+    rules between rulesets and equal matches between rules: change neither once loaded."""
 
     src: int = 0
     smsk: int = 0
@@ -47,7 +48,7 @@ class Rule:
     line: int = 0
 
 
-@dataclass
+@dataclass(slots=True)
 class Chain:
     name: str
     builtin: bool

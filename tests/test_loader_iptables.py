@@ -931,3 +931,16 @@ def test_round_trip_of_what_the_writer_prints(mix):
     again = load(dump(first), source="dump")
     for name, table in first.tables.items():
         assert table.blob.tobytes() == again.tables[name].blob.tobytes()
+
+
+def test_equal_matches_are_one_object():
+    text = ("*nat\n:A - [0:0]\n:B - [0:0]\n"
+            "-A A -m statistic --mode random --probability 0.5 -j B\n"
+            "-A A -m statistic --mode random --probability 0.5 -j B\n"
+            "-A A -m statistic --mode random --probability 0.25 -j B\n"
+            "-A B -p tcp -m multiport --dports 1,2 -j ACCEPT\n"
+            "-A B -p tcp -m multiport --dports 1,2 -j ACCEPT\nCOMMIT\n")
+    chains = load(text).builders["nat"].chains
+    first, second, third = (rule.matches[0] for rule in chains["A"].rules)
+    assert first is second and first is not third and first.args == {"mode": "random", "p31": 1 << 30}
+    assert chains["B"].rules[0].matches[0] == chains["B"].rules[1].matches[0]  # a list: kept apart

@@ -7,7 +7,8 @@ The text is read the way ``iptables-restore`` reads it (legacy ``ios_restore`` +
 ``--noflush``) it starts from ``base`` and a user chain's line flushes just that chain.
 
 Each ``-A`` line becomes a :class:`kernels.blob.Rule` with its matches in the order they were
-loaded, as the kernel stores them, and each committed table is compiled by
+loaded, as the kernel stores them (equal matches are one shared object; loaded rules are never
+changed), and each committed table is compiled by
 :class:`kernels.blob.TableBuilder` at the kernel's struct sizes (kernel-internals §1.1, §1.5).
 Every piece of bad input raises :class:`bench.errors.InputError` naming ``<source>:<line>`` and
 the option at fault.
@@ -372,7 +373,7 @@ def _statistic_mode(args, value, invert):
         raise InputError("--mode nth is not supported (only --mode random)")
     if value != "random":
         raise InputError(f"unknown statistic mode {value!r}")
-    args["mode"] = value
+    args["mode"] = "random"  # one string, not the line's word, kept by every such rule
 
 
 def _nth_only(args, value, invert):
@@ -815,6 +816,7 @@ class _RuleParser:
         self.chains: dict[str, Chain] = {}
         self.named_matches = 0  # -m recent, -m nfacct and -m set matches read (names get u16 ids)
         self._cidrs: dict[str, tuple[int, int]] = {}
+        self._matches: dict[tuple, Match] = {}  # (kind, *args) -> the one such match
 
     def parse(self, tokens: list[str], index: int, chain: Chain, text: str, number: int) -> Rule:
         """The rule in ``tokens[index:]``, the options after ``-A CHAIN``."""
@@ -909,6 +911,17 @@ class _RuleParser:
             raise InputError(exc.message, field=exc.field or extension.field) from None
         if len(rule.matches) > _MATCHES_ALWAYS_FIT and TableBuilder.rule_size(rule) > 0xFFFF:
             raise InputError("rule is larger than an entry's 16-bit size field allows", field="-m")
+        self._share_matches(rule.matches)
+
+    def _share_matches(self, matches: list[Match]) -> None:
+        """Make equal matches one object: most matches of a payload repeat one another (the same
+        probability, port or comment), and loaded rules are never changed."""
+        for index, match in enumerate(matches):
+            try:
+                key = (match.kind, *match.args.items())
+                matches[index] = self._matches.setdefault(key, match)
+            except TypeError:  # a list (multiport's ports) cannot be a key
+                pass
 
     # -- the options of the IP header and the verdict (iptables' own, not an extension's) --
     def _address(self, value: str) -> tuple[int, int]:
