@@ -785,3 +785,12 @@ def test_syncer_carries_its_state_from_one_partial_sync_to_the_next():
 def test_syncer_needs_a_full_sync_before_a_partial_one():
     with pytest.raises(ValueError, match="full sync first"):
         Syncer(TEST).partial(_three_services())
+
+
+def test_a_syncer_copy_goes_on_from_the_state_independently():
+    first, second = _three_services(), _three_services(svc2_endpoints=("10.180.0.22",))
+    syncer = Syncer(TEST)
+    syncer.full(first)
+    fork = syncer.copy()
+    assert syncer.partial(second) == write_partial(first, second, TEST)
+    assert fork.partial(_three_services(with_svc3=False)) == write_partial(first, _three_services(with_svc3=False), TEST)

@@ -1164,10 +1164,6 @@ class _Restore:
         self.builders: dict[str, TableBuilder] = dict(base.builders) if base else {}
         self.edit: _TableEdit | None = None
         self.parser = _RuleParser()
-        self.commands = {"-A": self._append, "--append": self._append, "-I": self._insert,
-                         "--insert": self._insert, "-N": self._new_chain, "--new-chain": self._new_chain,
-                         "-F": self._flush, "--flush": self._flush, "-X": self._delete,
-                         "--delete-chain": self._delete}
 
     def run(self, text: str) -> Ruleset:
         lines = text.split("\n")
@@ -1270,11 +1266,11 @@ class _Restore:
     # -- commands --
     def _command(self, text: str, number: int) -> None:
         tokens = _tokens(text)
-        handler = self.commands.get(tokens[0])
+        handler = _COMMANDS.get(tokens[0])
         if handler is None:
             raise InputError(f"unknown command {tokens[0]!r} (expected -A, -I, -N, -F or -X)",
                              field=tokens[0])
-        handler(self._table(tokens[0]), tokens, text, number)
+        handler(self, self._table(tokens[0]), tokens, text, number)
 
     def _existing(self, edit: _TableEdit, tokens: list[str], required: bool = True) -> str | None:
         if len(tokens) < 2:
@@ -1322,6 +1318,14 @@ class _Restore:
     def _no_extra(tokens: list[str], allowed: int) -> None:
         if len(tokens) > allowed:
             raise InputError(f"unexpected argument {tokens[allowed]!r}", field=tokens[0])
+
+
+# The table commands by option, as plain functions: bound methods kept on the instance would
+# make a reference cycle that holds every loaded table until the cyclic GC runs.
+_COMMANDS = {"-A": _Restore._append, "--append": _Restore._append, "-I": _Restore._insert,
+             "--insert": _Restore._insert, "-N": _Restore._new_chain, "--new-chain": _Restore._new_chain,
+             "-F": _Restore._flush, "--flush": _Restore._flush, "-X": _Restore._delete,
+             "--delete-chain": _Restore._delete}
 
 
 # ---- iptables-save output --------------------------------------------------------------------

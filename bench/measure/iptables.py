@@ -125,11 +125,11 @@ def timed_sync(write, comments: bool, base: Ruleset | None = None) -> tuple[Rule
     ruleset = load(text, source="iptables sync", base=base, noflush=base is not None)
     loaded = time.perf_counter()
     kernel = iptables_costs.replace_seconds(ruleset.tables, text)
+    rules = rule_counts(text)
     return ruleset, {"write_seconds": written - started, "load_seconds": loaded - written,
                      "kernel_seconds": kernel, "duration_seconds": loaded - started + kernel,
-                     "operations": sum(rule_counts(text).values()),
-                     "kernel_entries": iptables_costs.replace_entries(ruleset.tables, text),
-                     "text": text}
+                     "operations": sum(rules.values()), "rules": rules,
+                     "kernel_entries": iptables_costs.replace_entries(ruleset.tables, text)}
 
 
 # kube-proxy's metric name for each sync the model times, and the change it follows.
@@ -137,40 +137,41 @@ SYNC_METRICS = (("sync_full_proxy_rules", None), ("sync_partial_proxy_rules", mo
                 ("sync_add_service", added_service))
 
 
-def control_plane(cluster, options: WriterOptions, comments: bool) -> tuple[Ruleset, str, dict]:
-    """A full sync, then the partial syncs after one endpoint change and then one service added.
+def control_plane(cluster, options: WriterOptions, comments: bool) -> tuple[Ruleset, dict, dict]:
+    """A full sync, then, each from the state it left, the partial syncs after one endpoint
+    change and after one service added.
 
     Each sync's record: ``<metric>_duration_seconds`` (write + load + the kernel's modelled
     replacement), its parts, ``<metric>_operations`` (rules in the payload) and
     ``<metric>_kernel_entries`` (entries the kernel checks). The writer keeps kube-proxy's
     state between syncs (:class:`Syncer`), so a partial sync renders only the changed
     services' chains; the kernel replaces the whole table either way. Returns the full sync's
-    ruleset (the data path's), its payload and the record."""
-    syncer = Syncer(options)
-    ruleset, full = timed_sync(lambda: syncer.full(cluster), comments)
+    ruleset (the data path's), its rules per table and the record. Only one partial sync's
+    ruleset lives at a time: at 100,000 × 10 each holds over a GiB of tables."""
+    synced = Syncer(options)
+    ruleset, full = timed_sync(lambda: synced.full(cluster), comments)
     record = {"sync_proxy_rules_write_seconds": full["write_seconds"],
               "sync_proxy_rules_load_seconds": full["load_seconds"]}
-    latest = ruleset
     for metric, change in SYNC_METRICS:
         if change is None:
             result = full
         else:
-            cluster = change(cluster)
-            latest, result = timed_sync(lambda: syncer.partial(cluster), comments, base=latest)
+            syncer, changed = synced.copy(), change(cluster)
+            result = timed_sync(lambda: syncer.partial(changed), comments, base=ruleset)[1]
         for part in ("duration_seconds", "write_seconds", "load_seconds", "kernel_seconds",
                      "operations", "kernel_entries"):
             record[f"{metric}_{part}"] = result[part]
-    return ruleset, full["text"], record
+    return ruleset, full["rules"], record
 
 
 def run_workloads(point, datapath_class) -> tuple:
     """Sync the point's cluster (the control plane, timed), load the rules into a
-    ``datapath_class`` data path and send the workloads through it: (ruleset, rule text, sync
+    ``datapath_class`` data path and send the workloads through it: (ruleset, rules per table, sync
     record, data path, [(workload, PathResult)])."""
     cluster = generate(point.services, point.endpoints, point.nodes, seed=point.seed, mix=point.mix)
     infos = service_ports(cluster)
     options = WriterOptions(include_jump_rules=True, service_order_seed=point.seed)
-    ruleset, text, sync = control_plane(cluster, options, comments=point.settings.get("comments") != "off")
+    ruleset, rules, sync = control_plane(cluster, options, comments=point.settings.get("comments") != "off")
     datapath = datapath_class(ruleset, cluster.config.node_ips, seed=point.seed)
 
     to_service = service_connections(cluster, infos, point.packets, seed=point.seed)
@@ -180,14 +181,14 @@ def run_workloads(point, datapath_class) -> tuple:
     # KUBE-SERVICES holds the service ports in the order the writer shuffled them into.
     positions = position_results(datapath, cluster, ordered_ports(infos, point.seed), point.packets, point.seed)
     workloads = [("service_new", first), *positions, ("nonservice_new", to_pods), ("established", later)]
-    return ruleset, text, sync, datapath, workloads
+    return ruleset, rules, sync, datapath, workloads
 
 
 def measure(point) -> list[dict]:
-    ruleset, text, sync, datapath, workloads = run_workloads(point, IptablesDatapath)
+    ruleset, rules, sync, datapath, workloads = run_workloads(point, IptablesDatapath)
     common = {
         "kind": "point", "point_id": point.point_id, **asdict(point),
-        "rules": rule_counts(text),
+        "rules": rules,
         "kernel_bytes": iptables_costs.kernel_bytes(ruleset.tables, point.cpus)
                         + datapath.conntrack.modelled_bytes(),
         "model_bytes": sum(t.blob.nbytes for t in ruleset.tables.values())

@@ -24,7 +24,6 @@ from bench.loaders.iptables_nft import NftTranslation, translate
 from bench.measure.iptables import IptablesDatapath, run_workloads
 from bench.measure.path import PathResult, path_record
 from bench.netaddr import ip_to_int
-from bench.proxies.iptables import rule_counts
 from kernels import layout as L
 
 
@@ -90,11 +89,11 @@ def measure(point) -> list[dict]:
     """iptables.measure's workloads on the nft backend; records carry ``iptables_backend:
     "nft"`` (``backend`` is already every record's kernel backend, bench/results.py) and
     ``expressions_mean``. The control plane is iptables-restore's (bench.measure.iptables)."""
-    ruleset, text, sync, datapath, workloads = run_workloads(point, IptablesNftDatapath)
+    ruleset, rules, sync, datapath, workloads = run_workloads(point, IptablesNftDatapath)
     nft_tables = [datapath.nat, datapath.filter]
     common = {
         "kind": "point", "point_id": point.point_id, **asdict(point), "iptables_backend": "nft",
-        "rules": rule_counts(text),
+        "rules": rules,
         "expressions": datapath.translation.expression_counts(),
         "kernel_bytes": sum(t.modelled_bytes() for t in nft_tables) + datapath.conntrack.modelled_bytes(),
         # the legacy blobs too: the compat expressions' xt data lives there

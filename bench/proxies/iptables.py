@@ -13,6 +13,7 @@ The model is IPv4-only, like the kernels; every address must be a canonical IPv4
 from __future__ import annotations
 
 import base64
+import copy
 import hashlib
 import random
 from dataclasses import dataclass, field
@@ -705,6 +706,11 @@ class Syncer:
         self._ports: list[ServicePortInfo] | None = None
         self._port_chains: dict[str, list[str]] = {}
         self._nat_chains: set[str] = set()
+
+    def copy(self) -> "Syncer":
+        """A Syncer that goes on from this one's state (a sync replaces the state, never
+        changes it, so the copy and this one are independent)."""
+        return copy.copy(self)
 
     def full(self, cluster: Cluster) -> str:
         """The full-sync payload (built-in jump rules included when the options say so)."""
