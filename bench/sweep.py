@@ -80,7 +80,8 @@ PROFILES = {
              "axes": {"services": FULL_SERVICES_AXIS, "endpoints": [1, 10], "nodes": [100]}, "blocks": [
         *FULL_SERVICES_BLOCKS,
         {"services": [1000], "endpoints": [1, 3, 10, 30, 100], "nodes": [100]},
-        {"services": [5000, 20000], "endpoints": [10], "nodes": [1000, 5000, 10000]},
+        {"services": [5000], "endpoints": [10], "nodes": [1000, 5000, 10000]},
+        {"services": [20000], "endpoints": [10], "nodes": [10000]},
         {"services": [20000], "endpoints": [10], "nodes": [100],
          "variants": {"iptables": ["comments=off"],
                       "ipvs": ["scheduler=mh", "scheduler=sh", "scheduler=wrr"]}},
