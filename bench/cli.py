@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
                                   "E 3, 30;\n"
                                   "           nodes 1,000 and 5,000 and the variants at 1,000 services (a few minutes)\n"
                                   "  full     services to 100,000 (1,000,000 endpoints; ipvs to 50,000, iptables-nft\n"
-                                  "           and userspace to 20,000), nodes to 10,000 (about half an hour, under 8 GiB)\n"
+                                  "           and userspace to 20,000), nodes to 10,000 (about 20 minutes, under 7 GiB)\n"
                                   "variants (--variants MODE:KEY=VALUE):\n"
                                   "  iptables:comments=off   no rule comments at all\n"
                                   "  ipvs:scheduler=NAME     rr, wrr, lc, wlc, sh, dh, mh, sed, nq")

@@ -74,8 +74,8 @@ PROFILES = {
         {"services": [1000], "endpoints": [10], "nodes": [100],
          "variants": {"iptables": ["comments=off"], "ipvs": ["scheduler=mh", "scheduler=sh"]}},
     ]},
-    # To 100,000 services (1,000,000 endpoints) and 10,000 nodes in about half an hour on 2
-    # cores and within 8 GiB (see FULL_MAX_SERVICES).
+    # To 100,000 services (1,000,000 endpoints) and 10,000 nodes in about 21 minutes on 2
+    # cores, peaking at 6.85 GiB (see FULL_MAX_SERVICES).
     "full": {"packets": 20000, "ipvs_connections": [10_000, 100_000, 1_000_000],
              "axes": {"services": FULL_SERVICES_AXIS, "endpoints": [1, 10], "nodes": [100]}, "blocks": [
         *FULL_SERVICES_BLOCKS,
