@@ -246,12 +246,16 @@ def test_ipvs_is_detected_without_failing(real_kernel, capsys):
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_ctrl_c_and_kill_remove_every_namespace(real_kernel, tmp_path, signum):
+    # A run long enough (it is interrupted early, so this costs nothing) that the signal
+    # cannot arrive after it has finished.
     child = subprocess.Popen([sys.executable, "-m", "bench.cli", "kernel", "--modes", "iptables",
-                              "--services", "6", "--connections", "200", "--quiet", "--out", str(tmp_path)],
+                              "--services", "6", "300", "--connections", "5000", "--quiet",
+                              "--out", str(tmp_path)],
                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     # Wait (no fixed sleep) until the run has built its namespaces, then interrupt it.
     while not _ours(child.pid) and child.poll() is None:
         time.sleep(0.01)
+    assert child.poll() is None, "the run ended before it could be interrupted"
     child.send_signal(signum)
     _, err = child.communicate(timeout=120)
     assert child.returncode == 2, err
