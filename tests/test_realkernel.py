@@ -251,7 +251,10 @@ def test_ctrl_c_and_kill_remove_every_namespace(real_kernel, tmp_path, signum):
     child = subprocess.Popen([sys.executable, "-m", "bench.cli", "kernel", "--modes", "iptables",
                               "--services", "6", "300", "--connections", "5000", "--quiet",
                               "--out", str(tmp_path)],
-                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             # A job started in the background by a shell without job control
+                             # inherits SIGINT ignored, and Python then keeps ignoring it.
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     # Wait (no fixed sleep) until the run has built its namespaces, then interrupt it.
     while not _ours(child.pid) and child.poll() is None:
         time.sleep(0.01)
