@@ -20,6 +20,7 @@ from bench.cluster.generate import generate
 from bench.cluster.model import service_ports
 from bench.loaders.iptables import load, load_file
 from bench.proxies.iptables import WriterOptions, write_full
+from bench.results import peak_rss_bytes, reset_peak_rss
 from bench.workload import pod_connections, service_connections
 from kernels import layout as L
 
@@ -87,18 +88,11 @@ def load_cost(services: int = 20000, endpoints: int = 10, seed: int = 0) -> dict
 def _probe_load(path: str) -> dict:
     """Run in the child: reset the peak-RSS mark, load, report time and the new peak."""
     text_size = Path(path).stat().st_size
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
-    except OSError:
-        pass
+    reset_peak_rss()
     started = time.perf_counter()
     ruleset = load_file(path)
     seconds = time.perf_counter() - started
-    peak_kib = 0
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            peak_kib = int(line.split()[1])
-    return {"load_seconds": seconds, "peak_rss_bytes": peak_kib * 1024, "text_bytes": text_size,
+    return {"load_seconds": seconds, "peak_rss_bytes": peak_rss_bytes(), "text_bytes": text_size,
             "entries": sum(t.n_entries for t in ruleset.tables.values())}
 
 

@@ -42,7 +42,7 @@ def environment() -> dict:
         "git_commit": _git_commit(),
         "hostname": platform.node(),
         "os": f"{platform.system()} {platform.release()}",
-        "memory_bytes": _memory_total(),
+        "memory_bytes": proc_bytes("/proc/meminfo", "MemTotal") or 0,
     }
 
 
@@ -56,14 +56,28 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def _memory_total() -> int:
+def proc_bytes(path: str, field: str) -> int | None:
+    """A ``Field:  N kB`` line of a /proc file, in bytes (None where it cannot be read)."""
     try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
+        for line in Path(path).read_text().splitlines():
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) * 1024
     except OSError:
         pass
-    return 0
+    return None
+
+
+def reset_peak_rss() -> None:
+    """Reset the kernel's peak-RSS mark (VmHWM) to the current RSS, where Linux allows it."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak RSS since it started or since :func:`reset_peak_rss`."""
+    return proc_bytes("/proc/self/status", "VmHWM") or 0
 
 
 def _git_commit() -> str:

@@ -28,7 +28,7 @@ import bench
 import kernels
 from bench.errors import InputError
 from bench.measure import MEASURE
-from bench.results import ResultsWriter, drop_torn_tail, read_jsonl
+from bench.results import ResultsWriter, drop_torn_tail, peak_rss_bytes, proc_bytes, read_jsonl, reset_peak_rss
 
 MODES = tuple(MEASURE)
 MODELLED_CPUS = 64  # CPUs of the modelled node: per-CPU counters and jump stacks scale with it
@@ -203,13 +203,8 @@ def estimate_point_bytes(point: Point) -> int:
 
 def memory_available() -> int:
     """MemAvailable from /proc/meminfo, in bytes (no limit where it cannot be read)."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 1 << 62
+    available = proc_bytes("/proc/meminfo", "MemAvailable")
+    return 1 << 62 if available is None else available
 
 
 def check_memory(points: list[Point], available: int | None = None) -> None:
@@ -226,21 +221,6 @@ def check_memory(points: list[Point], available: int | None = None) -> None:
 
 
 # --- running ------------------------------------------------------------------------------
-
-def reset_peak_rss() -> None:
-    """Reset the kernel's peak-RSS mark (VmHWM) to the current RSS, where Linux allows it."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
-
-
-def peak_rss_bytes() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    return 0
-
 
 def run_point(point: Point, trace_memory: bool = False) -> list[dict]:
     """Measure one point: one record per workload, each with the point's memory and time.

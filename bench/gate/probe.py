@@ -37,6 +37,19 @@ def _cluster():
     return cluster, service_connections(cluster, service_ports(cluster), PACKETS, seed=SEED)
 
 
+def _table_walk(table, packets, dtype):
+    """A case whose batch walks ``packets`` through ``table`` from PREROUTING."""
+    from kernels import layout as L
+
+    results = np.zeros(len(packets), dtype=dtype)
+
+    def batch():
+        table.run(packets, L.HOOK_PREROUTING, results)
+        return results["entries_visited"]
+
+    return lambda: None, batch
+
+
 def iptables_case():
     from bench.loaders.iptables import load
     from bench.measure.iptables import IptablesDatapath
@@ -46,13 +59,7 @@ def iptables_case():
     cluster, packets = _cluster()
     ruleset = load(write_full(cluster, WriterOptions(include_jump_rules=True, service_order_seed=SEED)))
     table = IptablesDatapath(ruleset, cluster.config.node_ips, seed=SEED).nat
-    results = np.zeros(len(packets), dtype=L.RESULT_DTYPE)
-
-    def batch():
-        table.run(packets, L.HOOK_PREROUTING, results)
-        return results["entries_visited"]
-
-    return lambda: None, batch
+    return _table_walk(table, packets, L.RESULT_DTYPE)
 
 
 def nftables_case():
@@ -65,13 +72,7 @@ def nftables_case():
     options = nftables_writer.WriterOptions(service_order_seed=SEED)
     ruleset, compiled, _ = nftables_costs.full_sync(cluster, options, seed=SEED)
     table = NftablesDatapath(ruleset, cluster.config.node_ips, seed=SEED, compiled=compiled).table
-    results = np.zeros(len(packets), dtype=L.NFT_RESULT_DTYPE)
-
-    def batch():
-        table.run(packets, L.HOOK_PREROUTING, results)
-        return results["entries_visited"]
-
-    return lambda: None, batch
+    return _table_walk(table, packets, L.NFT_RESULT_DTYPE)
 
 
 def ipvs_case():
